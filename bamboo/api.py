@@ -1,0 +1,138 @@
+"""The public entry points: compile, inspect, export."""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from bamboo.backends import get_backend
+from bamboo.errors import CompileError, InputError
+from bamboo.graph.capture import export_program, normalize_example_inputs, placeholder_constants
+from bamboo.graph.site_table import SiteTable
+from bamboo.passes import PassManager, default_passes, detect_ffn_sites
+
+SPARSITY_MODES = ("exact", "dense")
+
+
+@dataclass
+class CompileReport:
+    """What the passes did to each graph Dynamo captured (one entry per compiled graph)."""
+
+    graphs: list = field(default_factory=list)
+
+    @property
+    def sites(self) -> SiteTable:
+        sites, rejected = [], []
+        for g in self.graphs:
+            sites += g.get("sites", [])
+            rejected += g.get("rejected", [])
+        return SiteTable(sites, rejected)
+
+
+def _check_sparsity(sparsity: str) -> None:
+    if sparsity == "predictor":
+        raise InputError("sparsity='predictor' needs trained predictors, which this release does not ship yet; "
+                         "use sparsity='exact' (lossless) or 'dense'")
+    if sparsity not in SPARSITY_MODES:
+        raise InputError(f"sparsity must be one of {SPARSITY_MODES}, got {sparsity!r}")
+
+
+def _model_name(model) -> str:
+    return type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__name__", "model")
+
+
+def make_dynamo_backend(backend: str, sparsity: str, report: CompileReport, name: str, dump_dir=None,
+                        **backend_options):
+    """A torch.compile backend: run the passes on the captured graph, then hand it to the bamboo backend."""
+    lowering = get_backend(backend, **backend_options)
+
+    def bamboo_backend(gm: fx.GraphModule, example_inputs: list):
+        if sparsity != "dense":
+            constants = placeholder_constants(gm, example_inputs)
+            manager = PassManager(default_passes(sparsity, constants), dump_dir=dump_dir)
+            result = manager(gm)
+            gm = result.graph_module
+            rewrite = result.stats.get("RewriteToSparseFFN", {})
+            report.graphs.append({**rewrite, "history": manager.history})
+            if not report.sites:
+                warnings.warn(
+                    f"bamboo.compile: no ReLU-sparse FFN found in {name}; it runs unchanged (dense). "
+                    + str(SiteTable([], rewrite.get("rejected", []))), stacklevel=2)
+        return lowering.compile_graph(gm, example_inputs)
+
+    return bamboo_backend
+
+
+def compile(model, backend: str = "eager", sparsity: str = "exact", *, dynamic: Optional[bool] = None,
+            fullgraph: bool = False, dump_dir=None, **backend_options):
+    """A module with `model`'s call signature whose FFNs run as bamboo::sparse_ffn.
+
+    For an nn.Module the result is a shallow copy sharing the parameters, with forward compiled, so its other
+    methods (the Bamboo model's generate) go through the compiled forward; `model` itself is not changed.
+    Compilation happens lazily at the first call (per input shape); `result.bamboo_report` says what matched.
+    Weights are read at compile time: compile after loading them.
+    """
+    _check_sparsity(sparsity)
+    report = CompileReport()
+    dynamo_backend = make_dynamo_backend(backend, sparsity, report, _model_name(model), dump_dir, **backend_options)
+    if isinstance(model, torch.nn.Module):
+        compiled = copy.copy(model)
+        compiled.forward = torch.compile(model.forward, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph)
+        compiled.bamboo_report = report
+        return compiled
+    if callable(model):
+        fn = torch.compile(model, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph)
+        fn.bamboo_report = report
+        return fn
+    raise InputError(f"bamboo.compile needs an nn.Module or a callable, got {type(model).__name__}")
+
+
+def inspect(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict] = None) -> SiteTable:
+    """The FFN sites bamboo would rewrite (and the candidates it refused, with the reason)."""
+    program = export_program(model, example_inputs, example_kwargs, dynamic=False)
+    report = detect_ffn_sites(program.graph)
+    return SiteTable(report.sites, report.rejected)
+
+
+def _drop_unused_parameters(gm: fx.GraphModule) -> None:
+    """Remove parameters and buffers no node reads (the [out, in] down weights after the layout pass)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in used:
+            owner_path, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            if attr in owner._parameters:
+                del owner._parameters[attr]
+            elif attr in owner._buffers:
+                del owner._buffers[attr]
+
+
+def export(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict] = None, *,
+           sparsity: str = "exact", dynamic: bool = True, dump_dir=None):
+    """An ExportedProgram with the FFNs rewritten; save it with torch.export.save (load needs `import bamboo`).
+
+    The down projections are stored neuron-major only (the [out, in] copies are dropped), so the program holds
+    each weight once. With dynamic=True, batch and sequence dims stay dynamic (use examples with both >= 2).
+    """
+    _check_sparsity(sparsity)
+    args = normalize_example_inputs(example_inputs)
+    program = export_program(model, args, example_kwargs, dynamic)
+    if sparsity == "dense":
+        return program
+    gm = program.module()
+    result = PassManager(default_passes(sparsity, keep_original_weights=False), dump_dir=dump_dir)(gm)
+    gm = result.graph_module
+    rewrite = result.stats.get("RewriteToSparseFFN", {})
+    if not rewrite.get("rewritten"):
+        warnings.warn(f"bamboo.export: no ReLU-sparse FFN found in {_model_name(model)}; exported unchanged. "
+                      + str(SiteTable([], rewrite.get("rejected", []))), stacklevel=2)
+        return program
+    _drop_unused_parameters(gm)
+    rewritten = export_program(gm, args, example_kwargs, dynamic)
+    if not any(n.target is torch.ops.bamboo.sparse_ffn.default for n in rewritten.graph.nodes):
+        raise CompileError("re-export lost the bamboo::sparse_ffn nodes; please report this with the model")
+    return rewritten

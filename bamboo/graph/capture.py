@@ -1,0 +1,83 @@
+"""Capture a model as an FX graph: torch.export (dynamic batch and sequence dims) or Dynamo (a torch.compile
+backend that receives the captured graph)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.export import Dim, ExportedProgram
+
+from bamboo.errors import CompileError
+
+
+def automatic_dynamic_shapes(args: tuple, kwargs: Optional[dict] = None):
+    """Every dim of every tensor input marked Dim.AUTO: export keeps dynamic what the model allows (batch,
+    sequence) and specialises the rest (hidden size). Dims of size 0 or 1 in the examples specialise."""
+
+    def spec(value):
+        if isinstance(value, torch.Tensor):
+            return {i: Dim.AUTO for i in range(value.dim())}
+        return None
+
+    return pytree.tree_map(spec, args), pytree.tree_map(spec, kwargs or {})
+
+
+def normalize_example_inputs(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise CompileError(f"example_inputs must be a tensor or a tuple of positional arguments, got "
+                           f"{type(example_inputs).__name__}")
+    return example_inputs
+
+
+def export_program(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict] = None,
+                   dynamic: bool = True) -> ExportedProgram:
+    args = normalize_example_inputs(example_inputs)
+    kwargs = example_kwargs or {}
+    if not isinstance(model, torch.nn.Module):
+        raise CompileError(f"bamboo.export needs an nn.Module, got {type(model).__name__}")
+    dynamic_shapes = None
+    if dynamic:
+        arg_spec, kwarg_spec = automatic_dynamic_shapes(args, kwargs)
+        dynamic_shapes = _by_signature(model, arg_spec, kwarg_spec)
+    try:
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # export errors are long; keep the first lines
+        summary = "\n".join(str(exc).strip().splitlines()[:6])
+        raise CompileError(f"torch.export could not capture {type(model).__name__} with these example inputs:\n"
+                           f"{summary}\nCheck that the example inputs are what forward() takes.") from exc
+
+
+def _by_signature(model, arg_spec, kwarg_spec):
+    """dynamic_shapes as torch.export takes them: a tuple for positional args, or a dict by parameter name."""
+    if not kwarg_spec:
+        return tuple(arg_spec)
+    import inspect
+
+    names = list(inspect.signature(model.forward).parameters)
+    return {**dict(zip(names, arg_spec)), **kwarg_spec}
+
+
+DynamoCompiler = Callable[[fx.GraphModule, list], Callable]
+
+
+def placeholder_constants(gm: fx.GraphModule, example_inputs: list) -> dict[str, torch.Tensor]:
+    """Placeholders that Dynamo lifted from module parameters and buffers (static inputs), by name."""
+    constants = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        if isinstance(value, torch.Tensor) and (
+                isinstance(value, torch.nn.Parameter) or getattr(value, "_dynamo_static_input_type", None)):
+            constants[node.name] = value
+    return constants
+
+
+def is_fake(value: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(value, FakeTensor)

@@ -1,0 +1,73 @@
+"""Recognise a linear map in any spelling: F.linear(x, W, b), x @ W.T (+ b), x @ W (W stored [in, out])."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+from bamboo.graph.node_ops import arg, is_transpose_2d, meta_value, op_name
+
+
+@dataclass
+class LinearMatch:
+    output: fx.Node          # the node whose value is x W^T + b
+    input: fx.Node           # x
+    weight: fx.Node          # W as stored
+    layout: str              # "out_in" (nn.Linear's [out, in]) or "in_out" ([in, out])
+    bias: Optional[fx.Node]
+    nodes: list = field(default_factory=list)  # every node of the match, output last
+
+    @property
+    def out_features(self) -> int:
+        w = meta_value(self.weight)
+        return w.shape[0] if self.layout == "out_in" else w.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        w = meta_value(self.weight)
+        return w.shape[1] if self.layout == "out_in" else w.shape[0]
+
+
+def _is_2d(node) -> bool:
+    value = meta_value(node)
+    return value is not None and value.dim() == 2
+
+
+def _match_unbiased(node: fx.Node) -> Optional[LinearMatch]:
+    name = op_name(node)
+    if name == "linear":
+        if node.op == "call_module":
+            return None  # an un-inlined nn.Linear: its weights are not values of this graph
+        x, weight, bias = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
+        if not isinstance(x, fx.Node) or not _is_2d(weight):
+            return None
+        return LinearMatch(node, x, weight, "out_in", bias if isinstance(bias, fx.Node) else None, [node])
+    if name == "matmul" and len(node.args) == 2:
+        x, w = node.args
+        if not isinstance(x, fx.Node) or not isinstance(w, fx.Node):
+            return None
+        if is_transpose_2d(w) and len(w.users) == 1:
+            return LinearMatch(node, x, w.args[0], "out_in", None, [w, node])
+        if _is_2d(w):
+            return LinearMatch(node, x, w, "in_out", None, [node])
+    return None
+
+
+def match_linear(node) -> Optional[LinearMatch]:
+    if not isinstance(node, fx.Node):
+        return None
+    match = _match_unbiased(node)
+    if match is not None:
+        return match
+    # x @ W.T + b, with b a 1-D tensor of out_features
+    if op_name(node) == "add" and len(node.args) == 2 and arg(node, 2, "alpha", 1) == 1:
+        for inner, bias in (node.args, node.args[::-1]):
+            match = _match_unbiased(inner) if isinstance(inner, fx.Node) else None
+            b = meta_value(bias)
+            if (match and match.bias is None and len(inner.users) == 1 and b is not None and b.dim() == 1
+                    and b.shape[0] == match.out_features):
+                match.output, match.bias = node, bias
+                match.nodes.append(node)
+                return match
+    return None

@@ -1,0 +1,113 @@
+"""The pattern language: name what an FX node computes, whatever IR level it comes from.
+
+Dynamo graphs hold torch-level calls (torch._C._nn.linear, operator.mul, method calls such as x.relu_());
+torch.export graphs hold ATen overloads (aten.linear.default, aten.mul.Tensor). `op_name` maps both onto
+one small vocabulary so that a pattern is written once.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+
+_FUNCTIONS: dict[object, str] = {
+    F.linear: "linear", aten.linear.default: "linear",
+    operator.matmul: "matmul", torch.matmul: "matmul", aten.matmul.default: "matmul", torch.mm: "matmul",
+    aten.mm.default: "matmul",
+    torch.t: "transpose", aten.t.default: "transpose", aten.numpy_T.default: "transpose",
+    torch.transpose: "transpose", aten.transpose.int: "transpose", torch.permute: "transpose",
+    aten.permute.default: "transpose",
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", aten.relu.default: "relu",
+    aten.relu_.default: "relu",
+    torch.clamp: "clamp", torch.clip: "clamp", torch.clamp_min: "clamp", aten.clamp.default: "clamp",
+    aten.clamp_.default: "clamp", aten.clamp_min.default: "clamp", aten.clamp_min_.default: "clamp",
+    aten.clip.default: "clamp",
+    operator.mul: "mul", torch.mul: "mul", aten.mul.Tensor: "mul", operator.imul: "mul",
+    operator.add: "add", torch.add: "add", aten.add.Tensor: "add", operator.iadd: "add",
+    F.silu: "silu", aten.silu.default: "silu", torch.sigmoid: "sigmoid", aten.sigmoid.default: "sigmoid",
+    torch.tanh: "tanh", aten.tanh.default: "tanh", F.gelu: "gelu", aten.gelu.default: "gelu",
+    F.leaky_relu: "leaky_relu", aten.leaky_relu.default: "leaky_relu", F.elu: "elu", F.relu6: "relu6",
+    aten.hardtanh.default: "relu6", F.hardtanh: "relu6", F.softplus: "softplus", F.mish: "mish",
+}
+_METHODS = {
+    "matmul": "matmul", "mm": "matmul", "t": "transpose", "transpose": "transpose", "permute": "transpose",
+    "relu": "relu", "relu_": "relu", "clamp": "clamp", "clamp_": "clamp", "clamp_min": "clamp",
+    "clamp_min_": "clamp", "clip": "clamp", "mul": "mul", "mul_": "mul", "add": "add", "add_": "add",
+    "sigmoid": "sigmoid", "tanh": "tanh",
+}
+_MODULES = {nn.Linear: "linear", nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu", nn.LeakyReLU: "leaky_relu"}
+
+# Activations that never produce exact zeros except at isolated points: no sparsity to exploit.
+NON_SPARSE_ACTIVATIONS = {"silu", "gelu", "sigmoid", "tanh", "leaky_relu", "elu", "softplus", "mish"}
+
+
+def op_name(node: fx.Node) -> Optional[str]:
+    if node.op == "call_function":
+        if node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
+            return "transpose"
+        return _FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return _METHODS.get(node.target)
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target)
+        return _MODULES.get(type(module))
+    return None
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """Positional-or-keyword argument of a call node."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def meta_value(node) -> Optional[torch.Tensor]:
+    """The fake tensor recorded for a node: 'val' (torch.export) or 'example_value' (Dynamo)."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("val", node.meta.get("example_value"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def set_meta_value(node: fx.Node, value: torch.Tensor, like: fx.Node) -> None:
+    """Record a new node's fake value under the key(s) the graph uses (`like` is a node of that graph)."""
+    node.meta["val"] = value
+    if "example_value" in like.meta:
+        node.meta["example_value"] = value
+
+
+def is_transpose_2d(node: fx.Node) -> bool:
+    """A transpose that swaps the two dims of a 2-D tensor (W.T, W.t(), W.transpose(0, 1), W.permute(1, 0))."""
+    if op_name(node) != "transpose":
+        return False
+    source = meta_value(node.args[0])
+    if source is None or source.dim() != 2:
+        return False
+    if node.op == "call_module":
+        return False
+    extra = [a for a in node.args[1:] if a not in ("T", "mT")]
+    if len(extra) == 1 and isinstance(extra[0], (list, tuple)):
+        extra = list(extra[0])
+    return extra in ([], [0, 1], [1, 0], [-1, -2], [-2, -1], [1, -2], [-1, 0])
+
+
+def relu_input(node: fx.Node) -> tuple[Optional[fx.Node], str]:
+    """If `node` is a ReLU in any spelling (relu, relu_, nn.ReLU, clamp(min=0)), its input; else the reason."""
+    name = op_name(node)
+    if name == "relu":
+        return node.args[0], ""
+    if name == "clamp":
+        low = arg(node, 1, "min")
+        high = arg(node, 2, "max")
+        if low in (0, 0.0) and high is None:
+            return node.args[0], ""
+        return None, f"clamp(min={low}, max={high}) is not a ReLU"
+    if name in NON_SPARSE_ACTIVATIONS or name == "relu6":
+        return None, f"{name} makes no exact zeros" if name != "relu6" else "relu6 (clamp with a max) is not a ReLU"
+    return None, f"{node.format_node() if isinstance(node, fx.Node) else node} is not a ReLU"

@@ -1,0 +1,112 @@
+"""Generation with the static KV cache: left-padded batches, greedy or nucleus sampling, streaming.
+
+Sampling runs on the device without host synchronisation (Gumbel-max through exponential noise, as gpt-fast
+does); the only host read per step is the check whether every row has finished.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from bamboo.errors import InputError
+
+
+def sample_next_token(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids [batch] from logits [batch, vocab]."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+def _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_p):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise InputError("input_ids must be an integer torch.Tensor of token ids, shape [batch, seq_len]")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise InputError(f"input_ids must have shape [batch, seq_len>0], got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif attention_mask.dim() == 1:
+        attention_mask = attention_mask[None]
+    if attention_mask.shape != input_ids.shape:
+        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    if not bool(attention_mask[:, -1].all()):
+        raise InputError("generation needs left padding: the last position of every row must be a real token; "
+                         "pad prompts on the left (tokenizer padding_side='left')")
+    vocab = model.config.vocab_size
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+        raise InputError(f"input_ids hold ids outside the vocabulary [0, {vocab})")
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    total = input_ids.shape[1] + max_new_tokens
+    if total > model.config.max_position_embeddings:
+        raise InputError(f"prompt length + max_new_tokens = {total} exceeds max_position_embeddings "
+                         f"({model.config.max_position_embeddings}); shorten the prompt or generate fewer tokens")
+    if temperature <= 0 or not (0 < top_p <= 1):
+        raise InputError("temperature must be > 0 and top_p in (0, 1]")
+    return input_ids.long(), attention_mask.long()
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, max_new_tokens: int = 32,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_token_id: Optional[int] = -1, pad_token_id: Optional[int] = None,
+             streamer: Optional[Callable[[torch.Tensor], None]] = None,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Prompt plus generated tokens, [batch, prompt_len + new_len].
+
+    `eos_token_id` defaults to the config's (pass None to never stop early); rows that finished are filled
+    with `pad_token_id` (default: the eos id). `streamer(tokens)` is called with each step's new tokens [batch].
+    """
+    input_ids, attention_mask = _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_p)
+    if eos_token_id == -1:
+        eos_token_id = model.config.eos_token_id
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if eos_token_id is not None else 0
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    total = prompt_len + max_new_tokens
+
+    model.setup_cache(batch, total, device=device)
+    try:
+        full_mask = torch.ones(batch, total, dtype=torch.long, device=device)
+        full_mask[:, :prompt_len] = attention_mask
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids, attention_mask=full_mask, position_ids=positions[:, :prompt_len],
+                       cache_position=torch.arange(prompt_len, device=device))
+        pick = lambda lg: sample_next_token(lg, do_sample, temperature, top_k, top_p, generator)  # noqa: E731
+        tokens = pick(logits[:, -1])
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        generated = []
+        for step in range(max_new_tokens):
+            if eos_token_id is not None:
+                tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
+                finished = finished | (tokens == eos_token_id)
+            generated.append(tokens)
+            if streamer is not None:
+                streamer(tokens)
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                break
+            slot = prompt_len + step
+            logits = model(tokens[:, None], attention_mask=full_mask, position_ids=positions[:, slot:slot + 1],
+                           cache_position=torch.tensor([slot], device=device))
+            tokens = pick(logits[:, -1])
+    finally:
+        model.clear_cache()
+    return torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1)

@@ -1,0 +1,93 @@
+"""A small tokenizer wrapper around a SentencePiece model (by default Mistral-7B's, shipped in mistral-common)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from bamboo.errors import InputError, MissingDependencyError, require
+
+CHATML_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
+
+
+def default_tokenizer_file() -> Path:
+    """Mistral-7B-v0.1's SentencePiece model, as shipped inside the mistral-common package."""
+    try:
+        import mistral_common
+    except ImportError:
+        raise MissingDependencyError(
+            "the default tokenizer is Mistral's SentencePiece model from the package 'mistral-common', which is not "
+            "installed; pip install 'bamboo-compiler[tokenizer]', or pass model_file=path/to/tokenizer.model") from None
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    if not path.exists():
+        raise MissingDependencyError(f"mistral-common is installed but has no {path.name}; pass model_file=")
+    return path
+
+
+class BambooTokenizer:
+    def __init__(self, model_file: Optional[str | os.PathLike] = None, padding_side: str = "left"):
+        spm = require("sentencepiece", "tokenizer", "BambooTokenizer")
+        self.model_file = Path(model_file) if model_file else default_tokenizer_file()
+        if not self.model_file.exists():
+            raise InputError(f"tokenizer model file {self.model_file} does not exist")
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+        self.padding_side = padding_side
+        self.bos_token_id, self.eos_token_id = self.sp.bos_id(), self.sp.eos_id()
+        self.unk_token_id = self.sp.unk_id()
+        self.pad_token_id = self.unk_token_id  # Bamboo pads with <unk> (id 0)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_token_id] if add_bos else []) + ids + ([self.eos_token_id] if add_eos else [])
+
+    def decode(self, ids: Iterable[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        special = {self.bos_token_id, self.eos_token_id, self.pad_token_id}
+        return self.sp.decode([i for i in ids if not (skip_special_tokens and i in special)])
+
+    def __call__(self, texts: str | list[str], add_bos: bool = True) -> dict[str, torch.Tensor]:
+        """input_ids and attention_mask [batch, longest], padded on `padding_side`."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        encoded = [self.encode(t, add_bos=add_bos) for t in texts]
+        longest = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), longest), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            span = slice(longest - len(e), longest) if self.padding_side == "left" else slice(0, len(e))
+            ids[row, span] = torch.tensor(e)
+            mask[row, span] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False):
+        """ChatML: <|im_start|>role\\ncontent<|im_end|>\\n per turn, then the assistant's opening."""
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise InputError(f"each chat message must be a dict with 'role' and 'content', got {m!r}")
+        text = "".join(CHATML_TURN.format(role=m["role"], content=m["content"]) for m in messages)
+        if add_generation_prompt:
+            text += "<|im_start|>assistant\n"
+        return self.encode(text) if tokenize else text
+
+
+class TextStreamer:
+    """Prints the text of row 0 as tokens arrive (pass as `streamer=` to generate)."""
+
+    def __init__(self, tokenizer: BambooTokenizer, file=None):
+        self.tokenizer, self.file = tokenizer, file or sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        self.ids.append(int(tokens.reshape(-1)[0]))
+        text = self.tokenizer.decode(self.ids)
+        self.file.write(text[self.printed:])
+        self.file.flush()
+        self.printed = len(text)

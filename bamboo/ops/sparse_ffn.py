@@ -1,0 +1,216 @@
+"""bamboo::sparse_ffn: the fused ReLU-sparse FFN. Its meaning lives here once; kernels and backend lowerings
+register against it.
+
+    kind="drelu"    y = down(relu(gate x) * relu(up x))
+    kind="reglu"    y = down(relu(gate x) * act(up x))         act from ops.activations
+    kind="relu_mlp" y = down(relu(gate x))                      (OPT's fc2(relu(fc1 x + b)); no up)
+
+Each linear may carry a bias. The down projection is given as `down_weight` ([out, intermediate], nn.Linear's
+layout) and/or `down_weight_nm` ([intermediate, out], neuron-major: one contiguous row per neuron, what the
+sparse path reads). When both are given they hold the same values; gradients go to `down_weight`.
+
+mode="exact": compute the gate densely, then the up rows and down rows only of neurons whose product can be
+nonzero (union over all rows of the batch). Nothing is approximated. mode="dense": the plain FFN.
+The output shape always equals the dense FFN's: selection happens inside the op.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bamboo.errors import InputError
+from bamboo.ops import activations
+
+KINDS = ("drelu", "reglu", "relu_mlp")
+MODES = ("exact", "dense")
+
+
+# -- weight-traffic accounting (eager reference only; used by the demo and tests) ----------------------------
+
+@dataclass
+class WeightTraffic:
+    dense_bytes: int = 0  # FFN weight bytes a dense FFN reads
+    read_bytes: int = 0   # FFN weight bytes this op read
+    calls: int = 0
+
+    @property
+    def skipped_fraction(self) -> float:
+        return 1.0 - self.read_bytes / self.dense_bytes if self.dense_bytes else 0.0
+
+
+_traffic: Optional[WeightTraffic] = None
+
+
+@contextlib.contextmanager
+def count_weight_reads():
+    """Count the FFN weight bytes the reference implementation reads inside this block."""
+    global _traffic
+    previous, _traffic = _traffic, WeightTraffic()
+    try:
+        yield _traffic
+    finally:
+        _traffic = previous
+
+
+def _record(dense: int, read: int) -> None:
+    if _traffic is not None:
+        _traffic.dense_bytes += dense
+        _traffic.read_bytes += read
+        _traffic.calls += 1
+
+
+# -- argument checks ------------------------------------------------------------------------------------------
+
+def out_features(down_weight: Optional[Tensor], down_weight_nm: Optional[Tensor]) -> int:
+    return down_weight.shape[0] if down_weight is not None else down_weight_nm.shape[1]
+
+
+def check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act) -> None:
+    if kind not in KINDS:
+        raise InputError(f"sparse_ffn kind must be one of {KINDS}, got {kind!r}")
+    if mode not in MODES:
+        raise InputError(f"sparse_ffn mode must be one of {MODES}, got {mode!r}")
+    if up_act not in activations.ACTIVATIONS:
+        raise InputError(f"sparse_ffn up_act must be one of {sorted(activations.ACTIVATIONS)}, got {up_act!r}")
+    if (up_weight is None) != (kind == "relu_mlp"):
+        raise InputError("sparse_ffn: up_weight must be given for drelu/reglu and omitted for relu_mlp")
+    if down_weight is None and down_weight_nm is None:
+        raise InputError("sparse_ffn needs down_weight or down_weight_nm")
+    intermediate, hidden = gate_weight.shape
+    if x.shape[-1] != hidden:
+        raise InputError(f"sparse_ffn: input has {x.shape[-1]} features but the FFN expects {hidden} "
+                         f"(input shape {tuple(x.shape)}); pass [..., {hidden}]")
+    for name, w in (("gate_weight", gate_weight), ("up_weight", up_weight), ("down_weight", down_weight),
+                    ("down_weight_nm", down_weight_nm)):
+        if w is not None and w.dtype != x.dtype:
+            raise InputError(f"sparse_ffn: {name} is {w.dtype} but the input is {x.dtype}; cast the input "
+                             f"(or the model) to one dtype")
+    if up_weight is not None and up_weight.shape != gate_weight.shape:
+        raise InputError(f"sparse_ffn: up_weight {tuple(up_weight.shape)} != gate_weight {tuple(gate_weight.shape)}")
+    if down_weight is not None and down_weight.shape[1] != intermediate:
+        raise InputError(f"sparse_ffn: down_weight {tuple(down_weight.shape)} does not take {intermediate} inputs")
+    if down_weight_nm is not None and down_weight_nm.shape[0] != intermediate:
+        raise InputError(f"sparse_ffn: down_weight_nm {tuple(down_weight_nm.shape)} does not have {intermediate} rows")
+
+
+# -- the dense formula (also used by the backward) -------------------------------------------------------------
+
+def _down_rows(down_weight, down_weight_nm, index=None) -> Tensor:
+    """Down projection as [neurons, out] rows, optionally only the neurons in `index`."""
+    if down_weight_nm is not None:
+        return down_weight_nm if index is None else down_weight_nm.index_select(0, index)
+    w = down_weight if index is None else down_weight.index_select(1, index)
+    return w.t()
+
+
+def _nbytes(t: Optional[Tensor], rows: Optional[int] = None) -> int:
+    if t is None:
+        return 0
+    per_row = t.numel() // t.shape[0] if rows is not None else t.numel()
+    return (rows if rows is not None else 1) * per_row * t.element_size()
+
+
+def reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias,
+                         kind, mode, up_act) -> Tensor:
+    check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act)
+    lead, hidden = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, hidden)
+    intermediate = gate_weight.shape[0]
+    down_bytes = _nbytes(down_weight if down_weight_nm is None else down_weight_nm)
+    dense_bytes = _nbytes(gate_weight) + _nbytes(up_weight) + down_bytes
+    gate = torch.relu(F.linear(x2, gate_weight, gate_bias))
+    if mode == "dense":
+        h = gate if kind == "relu_mlp" else gate * activations.apply(up_act, F.linear(x2, up_weight, up_bias))
+        y = h @ _down_rows(down_weight, down_weight_nm)
+        _record(dense_bytes, dense_bytes)
+    else:
+        # Gate first: neurons whose ReLU is zero for every row contribute exactly nothing.
+        active = (gate > 0).any(0).nonzero().squeeze(1)
+        h = gate.index_select(1, active)
+        up_rows = 0
+        if kind != "relu_mlp":
+            up_rows = active.numel()
+            up = F.linear(x2, up_weight.index_select(0, active),
+                          None if up_bias is None else up_bias.index_select(0, active))
+            h = h * activations.apply(up_act, up)
+            if kind == "drelu":  # relu(up) adds its own exact zeros: skip those down rows as well
+                keep = (h != 0).any(0).nonzero().squeeze(1)
+                h, active = h.index_select(1, keep), active.index_select(0, keep)
+        y = h @ _down_rows(down_weight, down_weight_nm, active)
+        _record(dense_bytes, _nbytes(gate_weight) + _nbytes(up_weight, up_rows)
+                + down_bytes * active.numel() // max(intermediate, 1))
+    if down_bias is not None:
+        y = y + down_bias
+    return y.reshape(*lead, y.shape[-1])
+
+
+# -- registration ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("bamboo::sparse_ffn", mutates_args=())
+def sparse_ffn(x: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor], up_weight: Optional[Tensor],
+               up_bias: Optional[Tensor], down_weight: Optional[Tensor], down_weight_nm: Optional[Tensor],
+               down_bias: Optional[Tensor], kind: str, mode: str, up_act: str) -> Tensor:
+    return reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
+                                down_bias, kind, mode, up_act)
+
+
+@sparse_ffn.register_fake
+def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias, kind, mode, up_act):
+    check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act)
+    return x.new_empty(*x.shape[:-1], out_features(down_weight, down_weight_nm))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.kind, ctx.mode, ctx.up_act = inputs[8:]
+
+
+def _backward(ctx, grad_out):
+    """Exact gradients of the dense formula (exact mode computes the same function)."""
+    x, gw, gb, uw, ub, dw, dnm, db = ctx.saved_tensors
+    kind, up_act = ctx.kind, ctx.up_act
+    hidden = x.shape[-1]
+    x2 = x.reshape(-1, hidden)
+    dy = grad_out.reshape(-1, grad_out.shape[-1])
+    a = F.linear(x2, gw, gb)
+    g = torch.relu(a)
+    if kind == "relu_mlp":
+        u = b = None
+        h = g
+    else:
+        b = F.linear(x2, uw, ub)
+        u = activations.apply(up_act, b)
+        h = g * u
+    rows = _down_rows(dw, dnm)  # [I, out]
+    dh = dy @ rows.t()
+    d_down_rows = h.t() @ dy  # [I, out]
+    d_dw = d_down_rows.t() if dw is not None else None
+    d_dnm = d_down_rows if (dw is None and dnm is not None) else None
+    d_db = dy.sum(0) if db is not None else None
+    dg = dh if u is None else dh * u
+    da = dg * (a > 0).to(dg.dtype)
+    dx = da @ gw
+    d_ub = d_uw = None
+    if u is not None:
+        db_ = dh * g * activations.derivative(up_act, b)
+        dx = dx + db_ @ uw
+        d_uw = db_.t() @ x2
+        d_ub = db_.sum(0) if ub is not None else None
+    d_gw = da.t() @ x2
+    d_gb = da.sum(0) if gb is not None else None
+    return (dx.reshape(x.shape), d_gw, d_gb, d_uw, d_ub, d_dw, d_dnm, d_db, None, None, None)
+
+
+sparse_ffn.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dense_ffn(x, gate_weight, gate_bias=None, up_weight=None, up_bias=None, down_weight=None, down_weight_nm=None,
+              down_bias=None, kind="drelu", up_act="relu") -> Tensor:
+    """The FFN computed densely, in plain torch: the reference the tests compare against."""
+    return reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
+                                down_bias, kind, "dense", up_act)

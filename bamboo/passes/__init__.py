@@ -1,0 +1,16 @@
+"""Compiler passes, one per file, and the pass manager that runs them in order."""
+from bamboo.passes.detect_ffn_sites import DetectionReport, FFNSite, Rejection, detect_ffn_sites
+from bamboo.passes.infra import GraphPass, PassManager, PassResult, check_graph
+from bamboo.passes.rewrite_to_sparse_ffn import RewriteToSparseFFN
+from bamboo.passes.store_down_proj_neuron_major import StoreDownProjNeuronMajor
+
+
+def default_passes(mode: str = "exact", constants=None, keep_original_weights: bool = True) -> list:
+    """The pipeline bamboo.compile and bamboo.export run for a sparsity mode."""
+    return [RewriteToSparseFFN(mode), StoreDownProjNeuronMajor(constants, keep_original_weights)]
+
+
+__all__ = [
+    "DetectionReport", "FFNSite", "GraphPass", "PassManager", "PassResult", "Rejection", "RewriteToSparseFFN",
+    "StoreDownProjNeuronMajor", "check_graph", "default_passes", "detect_ffn_sites",
+]

@@ -1,0 +1,56 @@
+"""Rewrite each detected FFN site into one bamboo::sparse_ffn node (the rest becomes dead code)."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+import bamboo.ops  # noqa: F401  (registers torch.ops.bamboo)
+from bamboo.graph.node_ops import meta_value, set_meta_value
+from bamboo.passes.detect_ffn_sites import FFNSite, detect_ffn_sites
+from bamboo.passes.infra import GraphPass, PassResult
+
+SPARSE_FFN = torch.ops.bamboo.sparse_ffn.default
+
+
+def _as_out_in(graph: fx.Graph, weight: fx.Node, layout: str, like: fx.Node) -> fx.Node:
+    """nn.Linear's [out, in] layout for gate/up weights stored as [in, out]."""
+    if layout == "out_in":
+        return weight
+    node = graph.call_function(torch.ops.aten.t.default, (weight,))
+    set_meta_value(node, meta_value(weight).t(), like)
+    return node
+
+
+def rewrite_site(graph: fx.Graph, site: FFNSite, mode: str) -> fx.Node:
+    m = site.match
+    out = m.down.output
+    with graph.inserting_before(out):
+        gate_w = _as_out_in(graph, m.gate.weight, m.gate.layout, out)
+        up_w = _as_out_in(graph, m.up.weight, m.up.layout, out) if m.up else None
+        # A down weight stored [intermediate, out] is already neuron-major.
+        down_w, down_nm = (m.down.weight, None) if m.down.layout == "out_in" else (None, m.down.weight)
+        args = (m.x, gate_w, m.gate.bias, up_w, m.up.bias if m.up else None, down_w, down_nm, m.down.bias,
+                site.kind, mode, site.up_act)
+        fused = graph.call_function(SPARSE_FFN, args)
+    fused.meta.update({k: v for k, v in out.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+    set_meta_value(fused, meta_value(out), out)
+    out.replace_all_uses_with(fused)
+    for node in reversed(m.nodes):
+        if not node.users:
+            graph.erase_node(node)
+    return fused
+
+
+class RewriteToSparseFFN(GraphPass):
+    def __init__(self, mode: str = "exact"):
+        self.mode = mode
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        report = detect_ffn_sites(gm.graph)
+        for site in report.sites:
+            rewrite_site(gm.graph, site, self.mode)
+        return PassResult(gm, bool(report.sites), {
+            "rewritten": len(report.sites),
+            "sites": report.sites,
+            "rejected": report.rejected,
+        })
