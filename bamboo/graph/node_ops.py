@@ -33,7 +33,7 @@ _FUNCTIONS: dict[object, str] = {
     F.silu: "silu", aten.silu.default: "silu", torch.sigmoid: "sigmoid", aten.sigmoid.default: "sigmoid",
     torch.tanh: "tanh", aten.tanh.default: "tanh", F.gelu: "gelu", aten.gelu.default: "gelu",
     F.leaky_relu: "leaky_relu", aten.leaky_relu.default: "leaky_relu", F.elu: "elu", F.relu6: "relu6",
-    aten.hardtanh.default: "relu6", F.hardtanh: "relu6", F.softplus: "softplus", F.mish: "mish",
+    aten.hardtanh.default: "relu6", aten.relu6.default: "relu6", F.hardtanh: "relu6", F.softplus: "softplus", F.mish: "mish",
 }
 _METHODS = {
     "matmul": "matmul", "mm": "matmul", "t": "transpose", "transpose": "transpose", "permute": "transpose",

@@ -147,7 +147,7 @@ def match_site(node: fx.Node) -> tuple[Optional[FFNSite], str]:
             return _check_site(kind, gate.input, gate, up, down, [first, product] + extra, up_act)
         acts = {op_name(a) for a in product.args} & NON_SPARSE_ACTIVATIONS
         if acts:
-            return None, (f"no factor of the product is a ReLU ({', '.join(sorted(acts))} make no exact zeros): "
+            return None, (f"no factor of the product is a ReLU ({', '.join(sorted(acts))}: no exact zeros): "
                           "a gated FFN without ReLU cannot skip neurons losslessly")
         return None, "; ".join(dict.fromkeys(reasons))
     if name == "relu" or name == "clamp":

@@ -1,0 +1,5 @@
+import sys
+
+from bamboo.cli import main
+
+sys.exit(main())

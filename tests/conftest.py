@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+from bamboo.models import BambooForCausalLM
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return BambooForCausalLM.from_config("tiny", seed=0).eval()
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from bamboo.errors import InputError
+from bamboo.models import BambooConfig, BambooForCausalLM
+from bamboo.models.generation import sample_next_token
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = BambooConfig.named("tiny", num_hidden_layers=2, vocab_size=512, initializer_range=0.2)
+    return BambooForCausalLM.from_config(config, seed=5).eval()
+
+
+def greedy_without_cache(model, ids, steps):
+    for _ in range(steps):
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@torch.no_grad()
+def test_greedy_generation_equals_recomputing_without_cache(model):
+    ids = torch.randint(0, 512, (2, 6))
+    out = model.generate(ids, max_new_tokens=8, eos_token_id=None)
+    assert out.shape == (2, 14)
+    assert torch.equal(out, greedy_without_cache(model, ids, 8))
+    assert model.cache_shape is None  # the cache is released afterwards
+
+
+@torch.no_grad()
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(model):
+    a, b = torch.randint(1, 512, (1, 3)), torch.randint(1, 512, (1, 7))
+    ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), a], 1), b])
+    mask = torch.tensor([[0] * 4 + [1] * 3, [1] * 7])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(out[0, 7:], model.generate(a, max_new_tokens=6, eos_token_id=None)[0, 3:])
+    assert torch.equal(out[1, 7:], model.generate(b, max_new_tokens=6, eos_token_id=None)[0, 7:])
+
+
+@torch.no_grad()
+def test_eos_stops_and_pads_finished_rows(model):
+    ids = torch.randint(0, 512, (1, 5))
+    free = model.generate(ids, max_new_tokens=6, eos_token_id=None)
+    eos = int(free[0, 7])  # make the third generated token the end of sequence
+    out = model.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert out.shape[1] == 8 and out[0, -1] == eos
+
+
+@torch.no_grad()
+def test_streaming_sees_every_token_in_order(model):
+    seen = []
+    out = model.generate(torch.randint(0, 512, (2, 4)), max_new_tokens=5, eos_token_id=None,
+                         streamer=lambda t: seen.append(t.clone()))
+    assert torch.equal(torch.stack(seen, 1), out[:, 4:])
+
+
+def test_sampling_is_seeded_and_respects_top_k_and_top_p():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, -2.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    picks = sample_next_token(logits, True, top_k=2, generator=g)
+    assert set(picks.tolist()) == {0, 1}
+    picks = sample_next_token(logits, True, top_p=0.5, generator=g)
+    assert set(picks.tolist()) == {0}
+    picks = sample_next_token(logits, True, temperature=1.0, generator=g)
+    share = (picks == 0).float().mean().item()
+    assert abs(share - torch.softmax(logits[0], 0)[0].item()) < 0.05
+    a = sample_next_token(logits[:5], True, generator=torch.Generator().manual_seed(7))
+    b = sample_next_token(logits[:5], True, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_bad_generation_inputs(model):
+    with pytest.raises(InputError, match="left padding"):
+        model.generate(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1, 0]]))
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        model.generate(torch.tensor([[5, 600]]))
+    with pytest.raises(InputError, match="max_position_embeddings"):
+        model.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=5000)
+    with pytest.raises(InputError, match="integer"):
+        model.generate(torch.ones(1, 4))
