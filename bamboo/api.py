@@ -11,8 +11,9 @@ import torch.fx as fx
 
 from bamboo.backends import get_backend
 from bamboo.errors import CompileError, InputError
-from bamboo.graph.capture import export_program, normalize_example_inputs, placeholder_constants
-from bamboo.graph.site_table import SiteTable
+from bamboo.graph.capture import (copy_graph_module, export_program, normalize_example_inputs,
+                                  placeholder_constants)
+from bamboo.graph.site_table import SiteTable, describe_rejections
 from bamboo.passes import PassManager, default_passes, detect_ffn_sites
 
 SPARSITY_MODES = ("exact", "dense")
@@ -51,20 +52,32 @@ def make_dynamo_backend(backend: str, sparsity: str, report: CompileReport, name
     lowering = get_backend(backend, **backend_options)
 
     def bamboo_backend(gm: fx.GraphModule, example_inputs: list):
-        if sparsity != "dense":
-            constants = placeholder_constants(gm, example_inputs)
-            manager = PassManager(default_passes(sparsity, constants), dump_dir=dump_dir)
-            result = manager(gm)
-            gm = result.graph_module
-            rewrite = result.stats.get("RewriteToSparseFFN", {})
-            report.graphs.append({**rewrite, "history": manager.history})
-            if not report.sites:
-                warnings.warn(
-                    f"bamboo.compile: no ReLU-sparse FFN found in {name}; it runs unchanged (dense). "
-                    + str(SiteTable([], rewrite.get("rejected", []))), stacklevel=2)
-        return lowering.compile_graph(gm, example_inputs)
+        if sparsity == "dense":
+            return lowering.compile_graph(gm, example_inputs)
+        constants = placeholder_constants(gm, example_inputs)
+        manager = PassManager(default_passes(sparsity, constants, store_weights_as="input"), dump_dir=dump_dir)
+        result = manager(copy_graph_module(gm))
+        rewrite = result.stats.get("RewriteToSparseFFN", {})
+        report.graphs.append({**rewrite, "history": manager.history})
+        if not report.sites:
+            warnings.warn(f"bamboo.compile: no ReLU-sparse FFN found in {name}; it runs unchanged (dense). "
+                          + describe_rejections(rewrite.get("rejected", [])), stacklevel=2)
+        extra = result.stats.get("StoreDownProjNeuronMajor", {}).get("extra_inputs", [])
+        compiled = lowering.compile_graph(result.graph_module, list(example_inputs) + extra)
+        return append_inputs(compiled, extra)
 
     return bamboo_backend
+
+
+def append_inputs(compiled, extra: list):
+    """Call `compiled` with the tensors the passes added as trailing graph inputs (the neuron-major weights)."""
+    if not extra:
+        return compiled
+
+    def run(*args):  # Dynamo calls a backend's result with positional args, Inductor's included
+        return compiled(*args, *extra)
+
+    return run
 
 
 def compile(model, backend: str = "eager", sparsity: str = "exact", *, dynamic: Optional[bool] = None,
@@ -100,7 +113,7 @@ def inspect(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dic
 
 def _drop_unused_parameters(gm: fx.GraphModule) -> None:
     """Remove parameters and buffers no node reads (the [out, in] down weights after the layout pass)."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users}
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         if name not in used:
             owner_path, _, attr = name.rpartition(".")
@@ -129,7 +142,7 @@ def export(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict
     rewrite = result.stats.get("RewriteToSparseFFN", {})
     if not rewrite.get("rewritten"):
         warnings.warn(f"bamboo.export: no ReLU-sparse FFN found in {_model_name(model)}; exported unchanged. "
-                      + str(SiteTable([], rewrite.get("rejected", []))), stacklevel=2)
+                      + describe_rejections(rewrite.get("rejected", [])), stacklevel=2)
         return program
     _drop_unused_parameters(gm)
     rewritten = export_program(gm, args, example_kwargs, dynamic)

@@ -21,3 +21,11 @@ def tiny_model():
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: many instances of one test class would otherwise hit Dynamo's
+    recompile limit and silently fall back to eager."""
+    torch._dynamo.reset()
+    yield

@@ -111,9 +111,9 @@ class ZooFFN(nn.Module):
 EXPECTED_KIND = {"drelu": "drelu", "reglu_identity": "reglu", "reglu_silu": "reglu", "reglu_gelu": "reglu",
                  "relu_mlp": "relu_mlp"}
 EXPECTED_REASON = {
-    "swiglu": "make no exact zeros",
-    "geglu": "make no exact zeros",
-    "leaky_relu": "make no exact zeros",
+    "swiglu": "no exact zeros",
+    "geglu": "no exact zeros",
+    "leaky_relu": "no exact zeros",
     "relu6": "not a ReLU",
     "product_used_twice": "used by",
     "gate_used_twice": "used by",

@@ -77,6 +77,15 @@ def placeholder_constants(gm: fx.GraphModule, example_inputs: list) -> dict[str,
     return constants
 
 
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own graph (node meta shared): Dynamo keeps reading the graph it handed to the
+    backend, so passes must not change that one's inputs in place."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph)
+
+
 def is_fake(value: Any) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 

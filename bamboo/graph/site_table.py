@@ -12,6 +12,15 @@ def format_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def describe_rejections(rejected, limit: int = 10) -> str:
+    """'candidates refused:' and one line per refused candidate, or '' when there are none."""
+    if not rejected:
+        return ""
+    lines = "".join(f"\n  {r.node} ({r.module or '?'}): {r.reason}" for r in rejected[:limit])
+    more = f"\n  ... and {len(rejected) - limit} more" if len(rejected) > limit else ""
+    return f"{len(rejected)} candidate(s) refused:{lines}{more}"
+
+
 class SiteTable(list):
     """The FFN sites of a model (FFNSite items); str() gives a table."""
 
@@ -22,8 +31,7 @@ class SiteTable(list):
 
     def __str__(self) -> str:
         if not self:
-            why = "".join(f"\n  {r.node} ({r.module or '?'}): {r.reason}" for r in self.rejected[:10])
-            return "no ReLU-sparse FFN sites found" + (f"; candidates refused:{why}" if why else "")
+            return "no ReLU-sparse FFN sites found" + (f"; {describe_rejections(self.rejected)}" if self.rejected else "")
         headers = ["#", "kind", "module", "hidden", "intermediate", "out", "dtype", "up act"]
         headers += list(self.extra_columns)
         rows = []
@@ -34,8 +42,7 @@ class SiteTable(list):
             rows.append(row + [values[i] for values in self.extra_columns.values()])
         text = format_table(headers, rows)
         if self.rejected:
-            text += f"\n{len(self.rejected)} candidate(s) refused:" + "".join(
-                f"\n  {r.node} ({r.module or '?'}): {r.reason}" for r in self.rejected[:10])
+            text += "\n" + describe_rejections(self.rejected)
         return text
 
     __repr__ = __str__

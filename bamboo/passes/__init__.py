@@ -5,9 +5,12 @@ from bamboo.passes.rewrite_to_sparse_ffn import RewriteToSparseFFN
 from bamboo.passes.store_down_proj_neuron_major import StoreDownProjNeuronMajor
 
 
-def default_passes(mode: str = "exact", constants=None, keep_original_weights: bool = True) -> list:
-    """The pipeline bamboo.compile and bamboo.export run for a sparsity mode."""
-    return [RewriteToSparseFFN(mode), StoreDownProjNeuronMajor(constants, keep_original_weights)]
+def default_passes(mode: str = "exact", constants=None, keep_original_weights: bool = True,
+                   store_weights_as: str = "buffer") -> list:
+    """The pipeline bamboo.compile (Dynamo graphs: weights are inputs named in `constants`) and bamboo.export
+    (unlifted graphs: weights are attributes) run for a sparsity mode."""
+    return [RewriteToSparseFFN(mode),
+            StoreDownProjNeuronMajor(constants, keep_original_weights, store_as=store_weights_as)]
 
 
 __all__ = [

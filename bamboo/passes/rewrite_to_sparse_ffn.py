@@ -35,7 +35,8 @@ def rewrite_site(graph: fx.Graph, site: FFNSite, mode: str) -> fx.Node:
     fused.meta.update({k: v for k, v in out.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
     set_meta_value(fused, meta_value(out), out)
     out.replace_all_uses_with(fused)
-    for node in reversed(m.nodes):
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in sorted(m.nodes, key=order.__getitem__, reverse=True):  # users before their inputs
         if not node.users:
             graph.erase_node(node)
     return fused

@@ -1,0 +1,130 @@
+import pytest
+import torch
+from torch.library import opcheck
+
+from bamboo.errors import InputError
+from bamboo.ops import count_weight_reads
+from bamboo.ops.sparse_ffn import reference_sparse_ffn
+
+OP = torch.ops.bamboo.sparse_ffn.default
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+
+
+def ffn_args(kind="drelu", hidden=24, intermediate=72, out=None, bias=False, dtype=torch.float32, lead=(3, 5),
+             neuron_major=False, gen=None, up_act=None):
+    gen = gen or torch.Generator().manual_seed(0)
+    out = out or hidden
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+    x = r(*lead, hidden)
+    gw, uw = r(intermediate, hidden, scale=hidden**-0.5), r(intermediate, hidden, scale=hidden**-0.5)
+    dw = r(out, intermediate, scale=intermediate**-0.5)
+    gb, ub, db = (r(intermediate, scale=0.1), r(intermediate, scale=0.1), r(out, scale=0.1)) if bias else (None,) * 3
+    if kind == "relu_mlp":
+        uw = ub = None
+    up_act = up_act or {"drelu": "relu", "reglu": "silu", "relu_mlp": "identity"}[kind]
+    down_w, down_nm = (None, dw.t().contiguous()) if neuron_major else (dw, None)
+    return [x, gw, gb, uw, ub, down_w, down_nm, db, kind, "exact", up_act]
+
+
+def fp64_dense(args):
+    cast = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+    cast[9] = "dense"
+    return reference_sparse_ffn(*cast)
+
+
+def rel_err(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("kind", ["drelu", "reglu", "relu_mlp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("lead", [(1,), (4, 1), (2, 7), (33,)])
+def test_exact_mode_matches_the_fp64_dense_reference(kind, dtype, bias, lead):
+    for seed in range(2):  # fresh inputs each time
+        args = ffn_args(kind, bias=bias, dtype=dtype, lead=lead, gen=torch.Generator().manual_seed(seed))
+        out = OP(*args)
+        assert out.shape == (*lead, 24) and out.dtype == dtype
+        assert not out.isnan().any()
+        assert rel_err(out, fp64_dense(args)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("up_act", ["identity", "relu", "silu", "gelu", "gelu_tanh", "sigmoid", "tanh"])
+def test_every_up_activation(up_act):
+    args = ffn_args("reglu", up_act=up_act, neuron_major=True, out=10)
+    assert rel_err(OP(*args), fp64_dense(args)) < 1e-5
+
+
+def test_dense_and_exact_agree_and_neuron_major_layout_is_equivalent():
+    args = ffn_args("drelu", bias=True)
+    nm = list(args)
+    nm[5], nm[6] = None, args[5].t().contiguous()
+    both = list(args)
+    both[6] = nm[6]
+    dense = list(args)
+    dense[9] = "dense"
+    ref = OP(*dense)
+    for variant in (args, nm, both):
+        torch.testing.assert_close(OP(*variant), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_all_neurons_off_and_all_on():
+    args = ffn_args("drelu", bias=True)
+    off = list(args)
+    off[2] = torch.full_like(args[1][:, 0], -1e4)  # gate bias so negative that no neuron fires
+    torch.testing.assert_close(OP(*off), args[7].expand(3, 5, 24) if args[7] is not None else None)
+    on = list(args)
+    on[2] = on[4] = torch.full_like(args[1][:, 0], 1e4)  # every neuron fires
+    assert rel_err(OP(*on), fp64_dense(on)) < 1e-5
+
+
+def test_weight_traffic_counts_only_active_rows():
+    args = ffn_args("drelu", lead=(1,))
+    with count_weight_reads() as traffic:
+        OP(*args)
+    x, gw, _, uw, _, dw = args[:6]
+    gate_active = int(((x @ gw.t()) > 0).sum())
+    both_active = int((((x @ gw.t()) > 0) & ((x @ uw.t()) > 0)).sum())
+    row = gw.shape[1] * 4
+    assert traffic.dense_bytes == 3 * gw.numel() * 4
+    assert traffic.read_bytes == gw.numel() * 4 + gate_active * row + both_active * dw.shape[0] * 4
+    assert 0.4 < traffic.skipped_fraction < 0.8  # random weights: about half the up rows, 3/4 of the down rows
+
+
+@pytest.mark.parametrize("kind", ["drelu", "reglu", "relu_mlp"])
+def test_opcheck_schema_fake_and_autograd_registration(kind):
+    args = ffn_args(kind, bias=True, dtype=torch.float64, lead=(2, 3))
+    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    opcheck(OP, tuple(args))
+
+
+@pytest.mark.parametrize("kind", ["drelu", "reglu", "relu_mlp"])
+@pytest.mark.parametrize("neuron_major", [False, True])
+def test_backward_is_the_dense_gradient(kind, neuron_major):
+    args = ffn_args(kind, bias=True, dtype=torch.float64, lead=(2, 3), neuron_major=neuron_major, hidden=6,
+                    intermediate=10)
+    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    assert torch.autograd.gradcheck(lambda *t: OP(*t, *args[8:]), tuple(args[:8]))
+
+
+def test_bad_arguments_name_the_problem():
+    args = ffn_args("drelu")
+    wrong_width = list(args)
+    wrong_width[0] = torch.randn(2, 23)
+    with pytest.raises(InputError, match="expects 24"):
+        OP(*wrong_width)
+    wrong_dtype = list(args)
+    wrong_dtype[0] = args[0].double()
+    with pytest.raises(InputError, match="cast the input"):
+        OP(*wrong_dtype)
+    bad_kind = list(args)
+    bad_kind[8] = "swiglu"
+    with pytest.raises(InputError, match="kind must be one of"):
+        OP(*bad_kind)
+    no_up = list(args)
+    no_up[3] = None
+    with pytest.raises(InputError, match="up_weight"):
+        OP(*no_up)

@@ -1,0 +1,37 @@
+import subprocess
+import sys
+
+import pytest
+
+from bamboo.cli import main
+from bamboo.models import BambooConfig, BambooForCausalLM
+
+
+def test_demo_prints_sparsity_sites_and_exact_compile(capsys):
+    assert main(["demo", "--new-tokens", "4", "--batches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "FFN activation sparsity per layer" in out and "model.layers.3.mlp" in out
+    assert "drelu" in out and "FFN weight bytes not read" in out
+    diff = float(out.split("largest relative difference from dense: ")[1].split()[0])
+    assert diff < 1e-5
+
+
+def test_inspect_builtin_config_and_checkpoint_dir(capsys, tmp_path):
+    assert main(["inspect", "bamboo-7b"]) == 0
+    out = capsys.readouterr().out
+    assert "32 FFN site(s)" in out and "14336" in out and "bfloat16" in out
+    BambooForCausalLM.from_config(BambooConfig.named("tiny", num_hidden_layers=2, vocab_size=64)).save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "2 FFN site(s)" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_not_a_traceback(capsys):
+    assert main(["inspect", "bamboo-70b"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bamboo: error: unknown config name") and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "bamboo", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("bamboo ")
