@@ -209,6 +209,25 @@ def _backward(ctx, grad_out):
 sparse_ffn.register_autograd(_backward, setup_context=_setup_context)
 
 
+@sparse_ffn.register_kernel("cuda")
+def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias, kind, mode, up_act):
+    """Decode-sized exact-mode calls run the Triton kernels; everything else (prefill, dense mode, fp32,
+    no Triton) runs the reference, whose dense matmuls are cuBLAS."""
+    from bamboo import kernels
+
+    check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act)
+    x2 = x.reshape(-1, x.shape[-1])
+    if mode != "exact" or not kernels.use_sparse_kernel(x2, up_act):
+        return reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
+                                    down_bias, kind, mode, up_act)
+    from bamboo.kernels.sparse_ffn_triton import triton_sparse_ffn
+
+    down_rows = down_weight_nm if down_weight_nm is not None else down_weight.t()
+    y = triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias,
+                          "identity" if kind == "relu_mlp" else up_act)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def dense_ffn(x, gate_weight, gate_bias=None, up_weight=None, up_bias=None, down_weight=None, down_weight_nm=None,
               down_bias=None, kind="drelu", up_act="relu") -> Tensor:
     """The FFN computed densely, in plain torch: the reference the tests compare against."""

@@ -1,0 +1,227 @@
+"""Triton kernels behind bamboo::sparse_ffn for decode-sized inputs (1-16 rows).
+
+Two launches, no host synchronisation (so a decode step can be captured in a CUDA graph):
+
+1. `gate_compact`   the dense gate GEMV over all neurons, fused with the zero test (a neuron is active when
+                    relu(gate) > 0 for any row) and the compaction of active neuron ids through an atomic
+                    counter. Exact mode only; predictor mode passes its own id list instead.
+2. `sparse_up_down` one program per block of active ids (the grid is sized for the worst case; programs past
+                    the device-side count exit at once): gathers the gate rows (predictor mode) and up rows,
+                    forms relu(gate) * act(up), then reads the neuron-major down rows of only the neurons whose
+                    product is nonzero for some row and accumulates into an fp32 output with atomic adds
+                    (Deja Vu's layout). The deterministic variant writes per-program partial sums instead and
+                    compacts ids in a fixed order.
+
+Weights may be any strides ([out, in] or views); rows of a contiguous weight are read coalesced.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Tests set this to fill the kernels' scratch buffers with garbage first, so an unwritten element shows up.
+POISON_SCRATCH = False
+
+ACT_CODES = {"identity": 0, "relu": 1, "silu": 2, "sigmoid": 3, "tanh": 4, "gelu_tanh": 5}
+BLOCK_M = 16  # rows are padded to 16 so tl.dot can use the tensor cores; the extra rows are masked
+
+
+@triton.jit
+def _activation(u, ACT: tl.constexpr):
+    if ACT == 1:
+        u = tl.maximum(u, 0.0)
+    elif ACT == 2:
+        u = u * tl.sigmoid(u)
+    elif ACT == 3:
+        u = tl.sigmoid(u)
+    elif ACT == 4:
+        u = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+    elif ACT == 5:
+        inner = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+        u = 0.5 * u * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    return u
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. UPCAST: Triton's CPU interpreter multiplies bf16 wrongly, so there the
+    operands go to fp32 first (GPU runs keep the tensor-core path)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _gate_compact_kernel(x_ptr, w_ptr, b_ptr, gate_ptr, idx_ptr, count_ptr, M, I, H,
+                         stride_xm, stride_wn, stride_wk, stride_gm,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, COMPACT: tl.constexpr, IEEE: tl.constexpr,
+                         UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < I
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, H, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < H
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += _dot(x, tl.trans(w), IEEE, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(gate_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
+    active = tl.max(tl.where(m_mask[:, None] & (acc > 0.0), 1, 0), axis=0)
+    active = tl.where(n_mask, active, 0)
+    if COMPACT:
+        base = tl.atomic_add(count_ptr, tl.sum(active, axis=0))
+        position = base + tl.cumsum(active, axis=0) - 1
+        tl.store(idx_ptr + position, offs_n, mask=active > 0)
+    else:  # deterministic: the host-side scan in torch assigns positions
+        tl.store(idx_ptr + offs_n, active, mask=n_mask)
+
+
+@triton.jit
+def _sparse_up_down_kernel(x_ptr, gw_ptr, gb_ptr, gate_ptr, uw_ptr, ub_ptr, dw_ptr, idx_ptr, count_ptr, y_ptr,
+                           M, H, H_out, stride_xm, stride_gwn, stride_gwk, stride_gm, stride_uwn, stride_uwk,
+                           stride_dn, stride_dh, stride_yp, stride_ym,
+                           GATHER_GATE: tl.constexpr, HAS_UP: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
+                           HAS_UP_BIAS: tl.constexpr, UP_ACT: tl.constexpr, PARTIAL: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    count = tl.load(count_ptr)
+    start = pid * BLOCK_N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    if start < count:
+        offs_j = start + tl.arange(0, BLOCK_N)
+        j_mask = offs_j < count
+        neuron = tl.load(idx_ptr + offs_j, mask=j_mask, other=0).to(tl.int64)
+        g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GATHER_GATE or HAS_UP:
+            for k in range(0, H, BLOCK_K):
+                offs_k = k + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < H
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                row_mask = j_mask[:, None] & k_mask[None, :]
+                if GATHER_GATE:
+                    wg = tl.load(gw_ptr + neuron[:, None] * stride_gwn + offs_k[None, :] * stride_gwk,
+                                 mask=row_mask, other=0.0)
+                    g += _dot(x, tl.trans(wg), IEEE, UPCAST)
+                if HAS_UP:
+                    wu = tl.load(uw_ptr + neuron[:, None] * stride_uwn + offs_k[None, :] * stride_uwk,
+                                 mask=row_mask, other=0.0)
+                    u += _dot(x, tl.trans(wu), IEEE, UPCAST)
+        if GATHER_GATE:
+            if HAS_GATE_BIAS:
+                g += tl.load(gb_ptr + neuron, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+        else:
+            g = tl.load(gate_ptr + offs_m[:, None] * stride_gm + neuron[None, :],
+                        mask=m_mask[:, None] & j_mask[None, :], other=0.0)
+        # Round as the dense FFN does (each linear's output is in the weights' dtype), then multiply.
+        h = tl.maximum(g.to(dw_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        if HAS_UP:
+            if HAS_UP_BIAS:
+                u += tl.load(ub_ptr + neuron, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+            u = _activation(u.to(dw_ptr.dtype.element_ty).to(tl.float32), UP_ACT)
+            h = h * u.to(dw_ptr.dtype.element_ty).to(tl.float32)
+        h = tl.where(m_mask[:, None] & j_mask[None, :], h, 0.0)
+        needed = tl.max(tl.where(h != 0.0, 1, 0), axis=0) > 0  # down rows of all-zero neurons are not read
+        h_low = h.to(dw_ptr.dtype.element_ty)
+        for c in range(0, H_out, BLOCK_H):
+            offs_h = c + tl.arange(0, BLOCK_H)
+            h_mask = offs_h < H_out
+            wd = tl.load(dw_ptr + neuron[:, None] * stride_dn + offs_h[None, :] * stride_dh,
+                         mask=needed[:, None] & h_mask[None, :], other=0.0)
+            part = _dot(h_low, wd, IEEE, UPCAST)
+            out_mask = m_mask[:, None] & h_mask[None, :]
+            if PARTIAL:
+                tl.store(y_ptr + pid * stride_yp + offs_m[:, None] * stride_ym + offs_h[None, :], part, mask=out_mask)
+            else:
+                tl.atomic_add(y_ptr + offs_m[:, None] * stride_ym + offs_h[None, :], part, mask=out_mask)
+
+
+def supports(x: torch.Tensor, up_act: str) -> bool:
+    return x.dtype in (torch.float16, torch.bfloat16, torch.float32) and up_act in ACT_CODES
+
+
+def triton_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
+                      neuron_ids=None, deterministic=False, block_n=None, block_k=64, block_h=64, gate_block=64,
+                      num_warps=4):
+    """y = down(relu(gate x) * act(up x)) over the active (exact) or given (`neuron_ids`) neurons.
+
+    `down_rows` is the down projection as [intermediate, out] (neuron-major or a transposed view). `x` is
+    [rows, hidden] with rows <= 16. `neuron_ids` (int32 on the device) switches to predictor mode: only those
+    neurons are computed, gate included.
+    """
+    rows, hidden = x.shape
+    if rows > BLOCK_M:
+        raise ValueError(f"triton_sparse_ffn handles at most {BLOCK_M} rows, got {rows}")
+    intermediate = gate_weight.shape[0]
+    out_features = down_rows.shape[1]
+    device = x.device
+    x = x.contiguous()
+    ieee = x.dtype == torch.float32
+    upcast = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    dummy = torch.empty(1, device=device, dtype=x.dtype)
+    block_n = block_n or (64 if deterministic else 16)
+    if neuron_ids is None:
+        gate = torch.empty(rows, intermediate, device=device, dtype=torch.float32)
+        count = torch.zeros(1, device=device, dtype=torch.int32)
+        ids = torch.empty(intermediate, device=device, dtype=torch.int32)
+        if POISON_SCRATCH:
+            gate.fill_(float("nan"))
+            ids.fill_(-(2**30))
+        _gate_compact_kernel[(triton.cdiv(intermediate, gate_block),)](
+            x, gate_weight, gate_bias if gate_bias is not None else dummy, gate, ids, count, rows, intermediate,
+            hidden, x.stride(0), gate_weight.stride(0), gate_weight.stride(1), gate.stride(0),
+            HAS_BIAS=gate_bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=gate_block, BLOCK_K=block_k,
+            COMPACT=not deterministic, IEEE=ieee, UPCAST=upcast, num_warps=num_warps)
+        if deterministic:  # ids holds the active flags: compact them in neuron order
+            active = ids.bool()
+            count = active.sum(dtype=torch.int32).reshape(1)
+            position = torch.where(active, active.cumsum(0) - 1, intermediate)
+            compact = torch.empty(intermediate + 1, device=device, dtype=torch.int32)
+            compact.scatter_(0, position, torch.arange(intermediate, device=device, dtype=torch.int32))
+            ids = compact[:intermediate]
+        capacity, gather_gate = intermediate, False
+    else:
+        ids = neuron_ids.to(device=device, dtype=torch.int32).contiguous()
+        count = torch.full((1,), ids.numel(), device=device, dtype=torch.int32)
+        gate, capacity, gather_gate = dummy, ids.numel(), True
+    programs = max(triton.cdiv(capacity, block_n), 1)
+    if deterministic:
+        y = torch.zeros(programs, rows, out_features, device=device, dtype=torch.float32)
+        stride_yp, stride_ym = y.stride(0), y.stride(1)
+    else:
+        y = torch.zeros(rows, out_features, device=device, dtype=torch.float32)
+        stride_yp, stride_ym = 0, y.stride(0)
+    has_up = up_weight is not None
+    uw = up_weight if has_up else gate_weight
+    _sparse_up_down_kernel[(programs,)](
+        x, gate_weight, gate_bias if gate_bias is not None else dummy, gate, uw,
+        up_bias if up_bias is not None else dummy, down_rows, ids, count, y,
+        rows, hidden, out_features, x.stride(0), gate_weight.stride(0), gate_weight.stride(1),
+        gate.stride(0) if not gather_gate else 0, uw.stride(0), uw.stride(1), down_rows.stride(0),
+        down_rows.stride(1), stride_yp, stride_ym,
+        GATHER_GATE=gather_gate, HAS_UP=has_up, HAS_GATE_BIAS=gate_bias is not None,
+        HAS_UP_BIAS=up_bias is not None, UP_ACT=ACT_CODES[up_act], PARTIAL=deterministic,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_H=block_h, IEEE=ieee, UPCAST=upcast,
+        num_warps=num_warps)
+    if deterministic:
+        y = y.sum(0)
+    if down_bias is not None:
+        y = y + down_bias.float()
+    return y.to(x.dtype)

@@ -1,0 +1,161 @@
+"""The Triton kernels against the fp64 dense reference: on the CPU through Triton's interpreter (small shapes,
+in CI) and on an NVIDIA GPU at Bamboo-7B shapes (marked gpu)."""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (pip install 'bamboo-compiler[triton]')")
+
+from bamboo.kernels import predicted_sparse_ffn  # noqa: E402
+from bamboo.kernels import sparse_ffn_triton as k  # noqa: E402
+from bamboo.ops.sparse_ffn import reference_sparse_ffn  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+if not ON_GPU and not __import__("os").environ.get("TRITON_INTERPRET"):
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_scratch(monkeypatch):
+    monkeypatch.setattr(k, "POISON_SCRATCH", True)
+
+
+def make(rows, hidden, intermediate, out, dtype, gen, bias=False, kind="drelu"):
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
+
+    w = dict(x=r(rows, hidden), gw=r(intermediate, hidden, scale=hidden**-0.5),
+             uw=r(intermediate, hidden, scale=hidden**-0.5) if kind != "relu_mlp" else None,
+             dw=r(out, intermediate, scale=intermediate**-0.5))
+    w["gb"] = r(intermediate, scale=0.1) if bias else None
+    w["ub"] = r(intermediate, scale=0.1) if bias and kind != "relu_mlp" else None
+    w["db"] = r(out, scale=0.1) if bias else None
+    return w
+
+
+def reference(w, kind, up_act, ids=None):
+    d = {n: (t.double().cpu() if t is not None else None) for n, t in w.items()}
+    gw, gb, uw, ub, dw = d["gw"], d["gb"], d["uw"], d["ub"], d["dw"]
+    if ids is not None:
+        sel = ids.long().cpu()
+        gw, uw, dw = gw[sel], uw[sel] if uw is not None else None, dw[:, sel]
+        gb, ub = (gb[sel] if gb is not None else None), (ub[sel] if ub is not None else None)
+    return reference_sparse_ffn(d["x"], gw, gb, uw, ub, dw, None, d["db"], kind, "dense", up_act)
+
+
+def dense_same_dtype(w, kind, up_act):
+    return reference_sparse_ffn(w["x"], w["gw"], w["gb"], w["uw"], w["ub"], w["dw"], None, w["db"], kind, "dense",
+                                up_act)
+
+
+def rel(a, b):
+    return ((a.double().cpu() - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+SHAPES = [(1, 40, 70, 36), (3, 33, 100, 20), (16, 64, 129, 65), (7, 17, 31, 9)] if not ON_GPU else \
+    [(1, 4096, 14336, 4096), (4, 4096, 14336, 4096), (16, 4096, 14336, 4096), (5, 1000, 3001, 777)]
+
+
+@pytest.mark.parametrize("rows, hidden, intermediate, out", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] + ([] if ON_GPU else [torch.float32]))
+@pytest.mark.parametrize("kind, up_act", [("drelu", "relu"), ("reglu", "silu"), ("relu_mlp", "identity")])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_exact_kernel_matches_fp64_reference(rows, hidden, intermediate, out, dtype, kind, up_act, deterministic):
+    gen = torch.Generator().manual_seed(rows * 1000 + hidden)
+    w = make(rows, hidden, intermediate, out, dtype, gen, bias=kind == "relu_mlp", kind=kind)
+    y = k.triton_sparse_ffn(w["x"], w["gw"], w["gb"], w["uw"], w["ub"], w["dw"].t(), w["db"], up_act,
+                            deterministic=deterministic)
+    ref = reference(w, kind, up_act)
+    assert y.shape == (rows, out) and y.dtype == dtype and not y.isnan().any()
+    err, dense_err = rel(y, ref), rel(dense_same_dtype(w, kind, up_act), ref)
+    assert err <= max(2 * dense_err, TOL[dtype]), (err, dense_err)
+
+
+@pytest.mark.parametrize("active", ["none", "all"])
+def test_zero_and_all_neurons_active(active):
+    gen = torch.Generator().manual_seed(7)
+    w = make(4, 32, 80, 24, torch.float16, gen, bias=True)
+    w["gb"] = torch.full_like(w["gb"], -100.0 if active == "none" else 100.0)
+    w["ub"] = torch.full_like(w["ub"], 100.0)
+    y = k.triton_sparse_ffn(w["x"], w["gw"], w["gb"], w["uw"], w["ub"], w["dw"].t().contiguous(), w["db"], "relu")
+    ref = reference(w, "drelu", "relu")
+    if active == "none":
+        torch.testing.assert_close(y.cpu().double(), ref, rtol=0, atol=1e-3)  # only the down bias remains
+    else:
+        assert rel(y, ref) < TOL[torch.float16]
+
+
+def test_deterministic_variant_is_bitwise_repeatable():
+    gen = torch.Generator().manual_seed(3)
+    w = make(8, 48, 200, 40, torch.float16, gen)
+    runs = [k.triton_sparse_ffn(w["x"], w["gw"], None, w["uw"], None, w["dw"].t(), None, "relu", deterministic=True)
+            for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_given_neuron_ids_compute_only_those(rows):
+    gen = torch.Generator().manual_seed(rows)
+    w = make(rows, 40, 96, 30, torch.float16, gen, bias=True)
+    ids = torch.randperm(96, generator=gen)[:37].to(torch.int32).to(DEVICE)
+    y = k.triton_sparse_ffn(w["x"], w["gw"], w["gb"], w["uw"], w["ub"], w["dw"].t().contiguous(), w["db"], "relu",
+                            neuron_ids=ids)
+    assert rel(y, reference(w, "drelu", "relu", ids)) < TOL[torch.float16]
+
+
+def test_predictor_mode_with_k_equal_to_all_neurons_is_the_dense_ffn():
+    gen = torch.Generator().manual_seed(11)
+    w = make(2, 32, 64, 32, torch.float16, gen)
+    p_in = torch.randn(8, 32, generator=gen).to(DEVICE)
+    p_out = torch.randn(64, 8, generator=gen).to(DEVICE)
+    y = predicted_sparse_ffn(w["x"], w["gw"], w["uw"], w["dw"].t().contiguous(), p_in, p_out, k=64)
+    assert rel(y, reference(w, "drelu", "relu")) < TOL[torch.float16]
+
+
+def test_more_than_16_rows_is_refused():
+    gen = torch.Generator().manual_seed(0)
+    w = make(17, 16, 32, 16, torch.float16, gen)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        k.triton_sparse_ffn(w["x"], w["gw"], None, w["uw"], None, w["dw"].t(), None, "relu")
+
+
+@pytest.mark.gpu
+def test_op_dispatches_to_the_kernel_on_cuda_and_falls_back_for_prefill():
+    import bamboo  # noqa: F401
+
+    gen = torch.Generator().manual_seed(5)
+    for rows in (1, 16, 64):
+        w = make(rows, 512, 1536, 512, torch.bfloat16, gen)
+        y = torch.ops.bamboo.sparse_ffn(w["x"], w["gw"], None, w["uw"], None, w["dw"], None, None, "drelu", "exact",
+                                        "relu")
+        ref = reference(w, "drelu", "relu")
+        assert rel(y, ref) <= max(2 * rel(dense_same_dtype(w, "drelu", "relu"), ref), TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_no_host_sync_and_cuda_graph_capture():
+    gen = torch.Generator().manual_seed(6)
+    w = make(1, 4096, 14336, 4096, torch.bfloat16, gen)
+    down = w["dw"].t().contiguous()
+
+    def step():
+        return k.triton_sparse_ffn(w["x"], w["gw"], None, w["uw"], None, down, None, "relu")
+
+    expected = step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        step()
+        with torch.cuda.graph(graph):
+            out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel(out, expected.double().cpu()) < 1e-2
