@@ -57,6 +57,16 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     return 2 * n * 4 / (ms / 1e3)
 
 
+def read_bandwidth(gib: float = 2.0) -> float:
+    """Bytes/s of a large bf16 reduction: the access pattern of a GEMV (read-only, streaming)."""
+    n = int(gib * 2**30) // 2
+    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty((), device="cuda", dtype=torch.float32)
+    ms = time_cuda_graph(lambda: torch.sum(a, dtype=torch.float32, out=out), reps=20)
+    del a
+    return n * 2 / (ms / 1e3)
+
+
 def write_json(path: str | Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

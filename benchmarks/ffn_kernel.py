@@ -7,8 +7,10 @@ Variants (each a CUDA graph over `--layers` distinct random layers, so repeated 
   dense      F.linear gate, up, relu*relu, F.linear down (cuBLAS)
   gather     naive torch: index_select the rows of gate, up and neuron-major down, then matmul
   exact      bamboo exact mode (Triton): dense gate + compaction, up/down only where needed (random weights)
-  predictor  bamboo predictor mode (Triton): rank-256 predictor, forced top-k (random predictor, labelled)
-The floor is the bytes the variant must read over the measured copy bandwidth.
+  predictor  bamboo predictor mode (Triton): rank-256 random predictor, fused scoring + threshold selection; the
+             threshold is set per layer so that exactly k neurons pass over the batch ("forced k")
+  topk       the same predictor with torch.topk selection (static k)
+The floor is the bytes the variant must read over the best measured bandwidth (copy or streaming read).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import copy_bandwidth, device_facts, print_table, time_cuda_graph, write_json  # noqa: E402
+from benchmarks.common import (copy_bandwidth, device_facts, print_table, read_bandwidth, time_cuda_graph,  # noqa: E402
+                               write_json)
 from bamboo.kernels import predicted_sparse_ffn  # noqa: E402
 from bamboo.kernels.sparse_ffn_triton import triton_sparse_ffn  # noqa: E402
 
@@ -37,6 +40,13 @@ def make_layers(n, dtype):
                            p_in=torch.randn(RANK, HIDDEN, device="cuda", dtype=dtype) / HIDDEN**0.5,
                            p_out=torch.randn(INTERMEDIATE, RANK, device="cuda", dtype=dtype) / RANK**0.5))
     return layers
+
+
+def forced_threshold(layer, x, k):
+    """The score threshold that lets exactly k neurons through for this batch (random predictors: no real
+    threshold exists, so the speed run forces the count)."""
+    scores = (torch.relu(x @ layer["p_in"].t()) @ layer["p_out"].t()).float().amax(0)
+    return scores.topk(k + 1).values[-1].item()
 
 
 def active_fractions(layers, xs):
@@ -64,7 +74,8 @@ def main():
         sys.exit("ffn_kernel.py needs an NVIDIA GPU")
     torch.manual_seed(0)
     dtype = torch.bfloat16
-    bandwidth = copy_bandwidth()
+    copy_bw, read_bw = copy_bandwidth(), read_bandwidth()
+    bandwidth = max(copy_bw, read_bw)
     layers = make_layers(args.layers, dtype)
     elt = 2
     weight_bytes = 3 * HIDDEN * INTERMEDIATE * elt
@@ -87,18 +98,20 @@ def main():
         xs = [torch.randn(1, HIDDEN, device="cuda", dtype=dtype) for _ in layers]
         k = int(0.15 * INTERMEDIATE)
         best = {}
+        thresholds = [forced_threshold(l, x, k) for l, x in zip(layers, xs)]
         for mode in ("exact", "predictor"):
             for bn in (16, 32, 64):
-                for bk in (64, 128, 256):
-                    for bh in (64, 128):
+                for bh in (128, 256):
+                    for gb in (32, 64, 128):
                         for warps in (4, 8):
-                            cfg = dict(block_n=bn, block_k=bk, block_h=bh, num_warps=warps)
+                            cfg = dict(block_n=bn, block_k=256, block_h=bh, gate_block=gb, num_warps=warps)
                             if mode == "exact":
                                 fn = lambda: [triton_sparse_ffn(x, l["gw"], None, l["uw"], None, l["dnm"], None, "relu",  # noqa: E731
                                                                 **cfg) for l, x in zip(layers, xs)]
                             else:
-                                fn = lambda: [predicted_sparse_ffn(x, l["gw"], l["uw"], l["dnm"], l["p_in"], l["p_out"], k,  # noqa: E731
-                                                                   **cfg) for l, x in zip(layers, xs)]
+                                fn = lambda: [predicted_sparse_ffn(x, l["gw"], l["uw"], l["dnm"], l["p_in"], l["p_out"],  # noqa: E731
+                                                                   k=k, threshold=t, **cfg)
+                                              for l, x, t in zip(layers, xs, thresholds)]
                             try:
                                 ms = time_cuda_graph(fn, reps=10) / L
                             except Exception as exc:  # a config the compiler refuses (shared memory, say)
@@ -134,19 +147,26 @@ def main():
 
             sparse_bytes = 3 * k * row_bytes
             record(batch, "gather", fraction, time_cuda_graph(gather, reps=args.reps) / L, sparse_bytes, dense_ms)
-            pred_ms = time_cuda_graph(lambda: [predicted_sparse_ffn(x, l["gw"], l["uw"], l["dnm"], l["p_in"], l["p_out"], k,
-                                                                    **blocks.get("predictor", {}))
-                                               for l, x in zip(layers, xs)], reps=args.reps) / L
+            thresholds = [forced_threshold(l, x, k) for l, x in zip(layers, xs)]
+            pred_ms = time_cuda_graph(lambda: [predicted_sparse_ffn(x, l["gw"], l["uw"], l["dnm"], l["p_in"], l["p_out"],
+                                                                    k=k, threshold=t, **blocks.get("predictor", {}))
+                                               for l, x, t in zip(layers, xs, thresholds)], reps=args.reps) / L
             record(batch, "predictor", fraction, pred_ms, sparse_bytes + predictor_bytes, dense_ms, "forced k")
+            if batch == 1:
+                topk_ms = time_cuda_graph(lambda: [predicted_sparse_ffn(x, l["gw"], l["uw"], l["dnm"], l["p_in"],
+                                                                        l["p_out"], k=k, **blocks.get("predictor", {}))
+                                                   for l, x in zip(layers, xs)], reps=args.reps) / L
+                record(batch, "topk", fraction, topk_ms, sparse_bytes + predictor_bytes, dense_ms, "torch.topk")
 
     headers = ["batch", "variant", "neurons", "ms", "GB/s", "floor ms", "floor/time", "vs dense"]
     print_table(headers, table)
-    data = dict(benchmark="ffn_kernel", facts=device_facts(), copy_bandwidth_bytes_per_s=bandwidth,
+    data = dict(benchmark="ffn_kernel", facts=device_facts(), copy_bandwidth_bytes_per_s=copy_bw,
+                read_bandwidth_bytes_per_s=read_bw, floor_bandwidth_bytes_per_s=bandwidth,
                 shapes=dict(hidden=HIDDEN, intermediate=INTERMEDIATE, predictor_rank=RANK, dtype=str(dtype),
                             layers_per_graph=L), reps=args.reps, blocks=blocks, results=results,
                 command=" ".join(["python"] + sys.argv))
     write_json(args.json, data)
-    print(f"wrote {args.json}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"wrote {args.json}; copy {copy_bw / 1e12:.2f} TB/s, streaming read {read_bw / 1e12:.2f} TB/s")
     if args.plot:
         from benchmarks.plot_ffn_kernel import plot
 

@@ -48,20 +48,32 @@ def require_triton():
     return sparse_ffn_triton
 
 
-def predicted_sparse_ffn(x, gate_weight, up_weight, down_rows, predictor_in, predictor_out, k: int,
-                         up_act: str = "relu", gate_bias=None, up_bias=None, down_bias=None, **blocks):
-    """Predictor mode (Deja Vu / PowerInfer): a low-rank predictor scores every neuron, the k best by their
-    largest score over the rows are computed, all others are skipped. k is static (no host sync).
+def predicted_sparse_ffn(x, gate_weight, up_weight, down_rows, predictor_in, predictor_out, k: int | None = None,
+                         threshold: float | None = None, up_act: str = "relu", gate_bias=None, up_bias=None,
+                         down_bias=None, **blocks):
+    """Predictor mode (Deja Vu / PowerInfer): a low-rank predictor relu(x P_in^T) P_out^T scores every neuron;
+    only the selected neurons' gate, up and down rows are read. No host synchronisation either way.
 
-    predictor_in [rank, hidden], predictor_out [intermediate, rank], in the predictor's own dtype (bf16 keeps
-    its bytes small); the top-k runs on fp32 scores.
+    - `threshold`: neurons whose score exceeds it for any row (PowerInfer), at most `k` of them when k is given
+      (a cap; the kernel fuses scoring and selection).
+    - `k` alone: the k best by their largest score over the rows (static top-k through torch.topk).
+    predictor_in [rank, hidden], predictor_out [intermediate, rank], in the predictor's own dtype.
     """
     kernels = require_triton()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    hidden = torch.relu(x2.to(predictor_in.dtype) @ predictor_in.t())
-    scores = (hidden @ predictor_out.t()).float()
-    ids = scores.amax(0).topk(k, sorted=False).indices.to(torch.int32)
-    y = kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
-                                  neuron_ids=ids, **blocks)
+    if threshold is not None:
+        ids, count = kernels.select_by_predictor(x2, predictor_in, predictor_out, threshold,
+                                                 gate_block=blocks.get("gate_block", 64),
+                                                 num_warps=blocks.get("num_warps", 4))
+        y = kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
+                                      neuron_ids=ids, neuron_count=count, cap=k, **blocks)
+    elif k is not None:
+        hidden = torch.relu(x2.to(predictor_in.dtype) @ predictor_in.t())
+        scores = (hidden @ predictor_out.t()).float()
+        ids = scores.amax(0).topk(k, sorted=False).indices.to(torch.int32)
+        y = kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
+                                      neuron_ids=ids, **blocks)
+    else:
+        raise ValueError("predicted_sparse_ffn needs k (top-k) or threshold (with an optional cap k)")
     return y.reshape(*lead, y.shape[-1])

@@ -58,11 +58,14 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _gate_compact_kernel(x_ptr, w_ptr, b_ptr, gate_ptr, idx_ptr, count_ptr, M, I, H,
+def _gate_compact_kernel(x_ptr, w_ptr, b_ptr, gate_ptr, idx_ptr, count_ptr, threshold, M, I, H,
                          stride_xm, stride_wn, stride_wk, stride_gm,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, COMPACT: tl.constexpr, IEEE: tl.constexpr,
-                         UPCAST: tl.constexpr):
+                         UPCAST: tl.constexpr, RELU_INPUT: tl.constexpr, STORE: tl.constexpr):
+    """scores = x @ w.T (+ b) for a block of neurons; a neuron is selected when its score exceeds `threshold`
+    for any row. Exact mode: w is the gate, threshold 0, scores stored for the next kernel. Predictor mode:
+    x is the predictor's first layer output (relu applied on load), w its second layer."""
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -74,13 +77,17 @@ def _gate_compact_kernel(x_ptr, w_ptr, b_ptr, gate_ptr, idx_ptr, count_ptr, M, I
         k_mask = offs_k < H
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if RELU_INPUT:
+            x = tl.maximum(x, 0.0)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc += _dot(x, tl.trans(w), IEEE, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(gate_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
-    active = tl.max(tl.where(m_mask[:, None] & (acc > 0.0), 1, 0), axis=0)
+    if STORE:
+        tl.store(gate_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], acc,
+                 mask=m_mask[:, None] & n_mask[None, :])
+    active = tl.max(tl.where(m_mask[:, None] & (acc > threshold), 1, 0), axis=0)
     active = tl.where(n_mask, active, 0)
     if COMPACT:
         base = tl.atomic_add(count_ptr, tl.sum(active, axis=0))
@@ -92,14 +99,14 @@ def _gate_compact_kernel(x_ptr, w_ptr, b_ptr, gate_ptr, idx_ptr, count_ptr, M, I
 
 @triton.jit
 def _sparse_up_down_kernel(x_ptr, gw_ptr, gb_ptr, gate_ptr, uw_ptr, ub_ptr, dw_ptr, idx_ptr, count_ptr, y_ptr,
-                           M, H, H_out, stride_xm, stride_gwn, stride_gwk, stride_gm, stride_uwn, stride_uwk,
+                           cap, M, H, H_out, stride_xm, stride_gwn, stride_gwk, stride_gm, stride_uwn, stride_uwk,
                            stride_dn, stride_dh, stride_yp, stride_ym,
                            GATHER_GATE: tl.constexpr, HAS_UP: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
                            HAS_UP_BIAS: tl.constexpr, UP_ACT: tl.constexpr, PARTIAL: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
-    count = tl.load(count_ptr)
+    count = tl.minimum(tl.load(count_ptr), cap)
     start = pid * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
@@ -157,14 +164,57 @@ def supports(x: torch.Tensor, up_act: str) -> bool:
     return x.dtype in (torch.float16, torch.bfloat16, torch.float32) and up_act in ACT_CODES
 
 
+def _compact(x, weight, bias, threshold, store, relu_input, deterministic, gate_block, block_k, num_warps):
+    """Launch the scoring + compaction kernel: (scores or None, ids int32 [n], count int32 [1])."""
+    rows = x.shape[0]
+    n, k_dim = weight.shape
+    device = x.device
+    dummy = torch.empty(1, device=device, dtype=x.dtype)
+    scores = torch.empty(rows, n, device=device, dtype=torch.float32) if store else dummy
+    count = torch.zeros(1, device=device, dtype=torch.int32)
+    ids = torch.empty(n, device=device, dtype=torch.int32)
+    if POISON_SCRATCH:
+        scores.fill_(float("nan"))
+        ids.fill_(-(2**30))
+    _gate_compact_kernel[(triton.cdiv(n, gate_block),)](
+        x, weight, bias if bias is not None else dummy, scores, ids, count, float(threshold), rows, n, k_dim,
+        x.stride(0), weight.stride(0), weight.stride(1), scores.stride(0) if store else 0,
+        HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=gate_block, BLOCK_K=block_k,
+        COMPACT=not deterministic, IEEE=x.dtype == torch.float32, UPCAST=_upcast(x), RELU_INPUT=relu_input,
+        STORE=store, num_warps=num_warps)
+    if deterministic:  # ids holds the selected flags: compact them in neuron order
+        active = ids.bool()
+        count = active.sum(dtype=torch.int32).reshape(1)
+        position = torch.where(active, active.cumsum(0) - 1, n)
+        compact = torch.empty(n + 1, device=device, dtype=torch.int32)
+        compact.scatter_(0, position, torch.arange(n, device=device, dtype=torch.int32))
+        ids = compact[:n]
+    return (scores if store else None), ids, count
+
+
+def _upcast(x):
+    return x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def select_by_predictor(x, predictor_in, predictor_out, threshold: float, cap: int | None = None,
+                        gate_block=64, block_k=64, num_warps=4):
+    """Neurons whose predictor score relu(x P_in^T) P_out^T exceeds `threshold` for any row: (ids, count),
+    both on the device; at most `cap` are used downstream."""
+    hidden = (x.to(predictor_in.dtype) @ predictor_in.t()).contiguous()
+    _, ids, count = _compact(hidden, predictor_out, None, threshold, store=False, relu_input=True,
+                             deterministic=False, gate_block=gate_block, block_k=block_k, num_warps=num_warps)
+    return ids, count
+
+
 def triton_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
-                      neuron_ids=None, deterministic=False, block_n=None, block_k=64, block_h=64, gate_block=64,
-                      num_warps=4):
+                      neuron_ids=None, neuron_count=None, cap=None, deterministic=False, block_n=None, block_k=64,
+                      block_h=64, gate_block=64, num_warps=4):
     """y = down(relu(gate x) * act(up x)) over the active (exact) or given (`neuron_ids`) neurons.
 
     `down_rows` is the down projection as [intermediate, out] (neuron-major or a transposed view). `x` is
     [rows, hidden] with rows <= 16. `neuron_ids` (int32 on the device) switches to predictor mode: only those
-    neurons are computed, gate included.
+    neurons are computed, gate included; `neuron_count` (int32 [1] on the device) says how many of the ids are
+    valid (default: all), `cap` bounds that count.
     """
     rows, hidden = x.shape
     if rows > BLOCK_M:
@@ -173,34 +223,20 @@ def triton_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_rows, 
     out_features = down_rows.shape[1]
     device = x.device
     x = x.contiguous()
-    ieee = x.dtype == torch.float32
-    upcast = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     dummy = torch.empty(1, device=device, dtype=x.dtype)
     block_n = block_n or (64 if deterministic else 16)
     if neuron_ids is None:
-        gate = torch.empty(rows, intermediate, device=device, dtype=torch.float32)
-        count = torch.zeros(1, device=device, dtype=torch.int32)
-        ids = torch.empty(intermediate, device=device, dtype=torch.int32)
-        if POISON_SCRATCH:
-            gate.fill_(float("nan"))
-            ids.fill_(-(2**30))
-        _gate_compact_kernel[(triton.cdiv(intermediate, gate_block),)](
-            x, gate_weight, gate_bias if gate_bias is not None else dummy, gate, ids, count, rows, intermediate,
-            hidden, x.stride(0), gate_weight.stride(0), gate_weight.stride(1), gate.stride(0),
-            HAS_BIAS=gate_bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=gate_block, BLOCK_K=block_k,
-            COMPACT=not deterministic, IEEE=ieee, UPCAST=upcast, num_warps=num_warps)
-        if deterministic:  # ids holds the active flags: compact them in neuron order
-            active = ids.bool()
-            count = active.sum(dtype=torch.int32).reshape(1)
-            position = torch.where(active, active.cumsum(0) - 1, intermediate)
-            compact = torch.empty(intermediate + 1, device=device, dtype=torch.int32)
-            compact.scatter_(0, position, torch.arange(intermediate, device=device, dtype=torch.int32))
-            ids = compact[:intermediate]
+        gate, ids, count = _compact(x, gate_weight, gate_bias, 0.0, store=True, relu_input=False,
+                                    deterministic=deterministic, gate_block=gate_block, block_k=block_k,
+                                    num_warps=num_warps)
         capacity, gather_gate = intermediate, False
     else:
         ids = neuron_ids.to(device=device, dtype=torch.int32).contiguous()
-        count = torch.full((1,), ids.numel(), device=device, dtype=torch.int32)
+        count = neuron_count if neuron_count is not None else torch.full((1,), ids.numel(), device=device,
+                                                                          dtype=torch.int32)
         gate, capacity, gather_gate = dummy, ids.numel(), True
+    if cap is not None:
+        capacity = min(capacity, cap)
     programs = max(triton.cdiv(capacity, block_n), 1)
     if deterministic:
         y = torch.zeros(programs, rows, out_features, device=device, dtype=torch.float32)
@@ -213,13 +249,13 @@ def triton_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_rows, 
     _sparse_up_down_kernel[(programs,)](
         x, gate_weight, gate_bias if gate_bias is not None else dummy, gate, uw,
         up_bias if up_bias is not None else dummy, down_rows, ids, count, y,
-        rows, hidden, out_features, x.stride(0), gate_weight.stride(0), gate_weight.stride(1),
+        capacity, rows, hidden, out_features, x.stride(0), gate_weight.stride(0), gate_weight.stride(1),
         gate.stride(0) if not gather_gate else 0, uw.stride(0), uw.stride(1), down_rows.stride(0),
         down_rows.stride(1), stride_yp, stride_ym,
         GATHER_GATE=gather_gate, HAS_UP=has_up, HAS_GATE_BIAS=gate_bias is not None,
         HAS_UP_BIAS=up_bias is not None, UP_ACT=ACT_CODES[up_act], PARTIAL=deterministic,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_H=block_h, IEEE=ieee, UPCAST=upcast,
-        num_warps=num_warps)
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_H=block_h, IEEE=x.dtype == torch.float32,
+        UPCAST=_upcast(x), num_warps=num_warps)
     if deterministic:
         y = y.sum(0)
     if down_bias is not None:

@@ -159,3 +159,24 @@ def test_no_host_sync_and_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert rel(out, expected.double().cpu()) < 1e-2
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_threshold_selection_matches_torch_and_respects_the_cap(rows):
+    gen = torch.Generator().manual_seed(21 + rows)
+    w = make(rows, 40, 96, 30, torch.float16, gen)
+    p_in = (torch.randn(8, 40, generator=gen) / 40**0.5).half().to(DEVICE)
+    p_out = (torch.randn(96, 8, generator=gen) / 8**0.5).half().to(DEVICE)
+    threshold = 0.3
+    ids, count = k.select_by_predictor(w["x"], p_in, p_out, threshold)
+    scores = torch.relu(w["x"].float().cpu() @ p_in.float().cpu().t()) @ p_out.float().cpu().t()
+    expected = set((scores > threshold).any(0).nonzero().flatten().tolist())
+    n = int(count.item())
+    assert n == len(expected) and set(ids[:n].cpu().tolist()) == expected
+    y = predicted_sparse_ffn(w["x"], w["gw"], w["uw"], w["dw"].t().contiguous(), p_in, p_out, threshold=threshold)
+    chosen = torch.tensor(sorted(expected), dtype=torch.int32)
+    assert rel(y, reference(w, "drelu", "relu", chosen)) < TOL[torch.float16]
+    # the cap keeps the first 5 compacted ids (their order depends on the atomics: use the same ids)
+    capped = k.triton_sparse_ffn(w["x"], w["gw"], None, w["uw"], None, w["dw"].t().contiguous(), None, "relu",
+                                 neuron_ids=ids, neuron_count=count, cap=5)
+    assert rel(capped, reference(w, "drelu", "relu", ids[:5].cpu())) < TOL[torch.float16]
