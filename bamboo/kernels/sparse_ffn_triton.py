@@ -77,8 +77,8 @@ def _gate_compact_kernel(x_ptr, w_ptr, b_ptr, gate_ptr, idx_ptr, count_ptr, thre
         k_mask = offs_k < H
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if RELU_INPUT:
-            x = tl.maximum(x, 0.0)
+        if RELU_INPUT:  # keep the operand dtype: tl.dot wants both sides alike
+            x = tl.maximum(x, 0.0).to(x_ptr.dtype.element_ty)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc += _dot(x, tl.trans(w), IEEE, UPCAST)

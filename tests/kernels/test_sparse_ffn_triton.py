@@ -169,13 +169,17 @@ def test_threshold_selection_matches_torch_and_respects_the_cap(rows):
     p_out = (torch.randn(96, 8, generator=gen) / 8**0.5).half().to(DEVICE)
     threshold = 0.3
     ids, count = k.select_by_predictor(w["x"], p_in, p_out, threshold)
-    scores = torch.relu(w["x"].float().cpu() @ p_in.float().cpu().t()) @ p_out.float().cpu().t()
-    expected = set((scores > threshold).any(0).nonzero().flatten().tolist())
+    hidden = (w["x"] @ p_in.t()).float().relu().cpu()  # what the kernel reads, in fp32
+    scores = (hidden @ p_out.float().cpu().t()).amax(0)
     n = int(count.item())
-    assert n == len(expected) and set(ids[:n].cpu().tolist()) == expected
-    y = predicted_sparse_ffn(w["x"], w["gw"], w["uw"], w["dw"].t().contiguous(), p_in, p_out, threshold=threshold)
-    chosen = torch.tensor(sorted(expected), dtype=torch.int32)
-    assert rel(y, reference(w, "drelu", "relu", chosen)) < TOL[torch.float16]
+    chosen = set(ids[:n].cpu().tolist())
+    assert len(chosen) == n  # no id twice
+    margin = 1e-2  # fp16 operands: scores this close to the threshold may fall either way
+    assert set((scores > threshold + margin).nonzero().flatten().tolist()) <= chosen
+    assert chosen <= set((scores > threshold - margin).nonzero().flatten().tolist())
+    y = k.triton_sparse_ffn(w["x"], w["gw"], None, w["uw"], None, w["dw"].t().contiguous(), None, "relu",
+                            neuron_ids=ids, neuron_count=count)
+    assert rel(y, reference(w, "drelu", "relu", ids[:n].cpu())) < TOL[torch.float16]
     # the cap keeps the first 5 compacted ids (their order depends on the atomics: use the same ids)
     capped = k.triton_sparse_ffn(w["x"], w["gw"], None, w["uw"], None, w["dw"].t().contiguous(), None, "relu",
                                  neuron_ids=ids, neuron_count=count, cap=5)
