@@ -100,11 +100,12 @@ def main():
         best = {}
         thresholds = [forced_threshold(l, x, k) for l, x in zip(layers, xs)]
         for mode in ("exact", "predictor"):
-            for bn in (16, 32, 64):
-                for bh in (128, 256):
-                    for gb in (32, 64, 128):
-                        for warps in (4, 8):
-                            cfg = dict(block_n=bn, block_k=256, block_h=bh, gate_block=gb, num_warps=warps)
+            for bn in (16, 32):
+                for bk in (256, 512):
+                    for dbn in (32, 64, 128):
+                        for bh in (128, 256):
+                            cfg = dict(block_n=bn, block_k=bk, down_block_n=dbn, block_h=bh,
+                                       gate_block=128 if mode == "exact" else 64)
                             if mode == "exact":
                                 fn = lambda: [triton_sparse_ffn(x, l["gw"], None, l["uw"], None, l["dnm"], None, "relu",  # noqa: E731
                                                                 **cfg) for l, x in zip(layers, xs)]

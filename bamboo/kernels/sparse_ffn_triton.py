@@ -1,16 +1,18 @@
 """Triton kernels behind bamboo::sparse_ffn for decode-sized inputs (1-16 rows).
 
-Two launches, no host synchronisation (so a decode step can be captured in a CUDA graph):
+Three launches, no host synchronisation (so a decode step can be captured in a CUDA graph):
 
 1. `gate_compact`   the dense gate GEMV over all neurons, fused with the zero test (a neuron is active when
                     relu(gate) > 0 for any row) and the compaction of active neuron ids through an atomic
                     counter. Exact mode only; predictor mode passes its own id list instead.
-2. `sparse_up_down` one program per block of active ids (the grid is sized for the worst case; programs past
-                    the device-side count exit at once): gathers the gate rows (predictor mode) and up rows,
-                    forms relu(gate) * act(up), then reads the neuron-major down rows of only the neurons whose
-                    product is nonzero for some row and accumulates into an fp32 output with atomic adds
-                    (Deja Vu's layout). The deterministic variant writes per-program partial sums instead and
-                    compacts ids in a fixed order.
+2. `gather_up`      one program per block of selected ids (the grid is sized for the worst case; programs past
+                    the device-side count exit at once): gathers the gate rows (predictor mode) and up rows and
+                    writes h = relu(gate) * act(up) for the selected neurons.
+3. `down`           one program per (output column block, neuron chunk): reads the neuron-major down rows of
+                    only the neurons whose h is nonzero for some row and accumulates into an fp32 output with
+                    atomic adds (Deja Vu's layout). Splitting the down over both axes keeps the whole GPU busy
+                    when only a few hundred neurons are selected. The deterministic variant writes per-chunk
+                    partial sums instead and compacts ids in a fixed order.
 
 Weights may be any strides ([out, in] or views); rows of a contiguous weight are read coalesced.
 """
@@ -98,21 +100,20 @@ def _gate_compact_kernel(x_ptr, w_ptr, b_ptr, gate_ptr, idx_ptr, count_ptr, thre
 
 
 @triton.jit
-def _sparse_up_down_kernel(x_ptr, gw_ptr, gb_ptr, gate_ptr, uw_ptr, ub_ptr, dw_ptr, idx_ptr, count_ptr, y_ptr,
-                           cap, M, H, H_out, stride_xm, stride_gwn, stride_gwk, stride_gm, stride_uwn, stride_uwk,
-                           stride_dn, stride_dh, stride_yp, stride_ym,
-                           GATHER_GATE: tl.constexpr, HAS_UP: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
-                           HAS_UP_BIAS: tl.constexpr, UP_ACT: tl.constexpr, PARTIAL: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+def _gather_up_kernel(x_ptr, gw_ptr, gb_ptr, gate_ptr, uw_ptr, ub_ptr, idx_ptr, count_ptr, h_ptr,
+                      cap, M, H, stride_xm, stride_gwn, stride_gwk, stride_gm, stride_uwn, stride_uwk, stride_hm,
+                      GATHER_GATE: tl.constexpr, HAS_UP: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
+                      HAS_UP_BIAS: tl.constexpr, UP_ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """h[:, j] = relu(gate) * act(up) for the j-th selected neuron (0 past the count)."""
     pid = tl.program_id(0)
     count = tl.minimum(tl.load(count_ptr), cap)
-    start = pid * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    if start < count:
-        offs_j = start + tl.arange(0, BLOCK_N)
-        j_mask = offs_j < count
+    offs_j = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_mask = offs_j < count
+    h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if pid * BLOCK_N < count:
         neuron = tl.load(idx_ptr + offs_j, mask=j_mask, other=0).to(tl.int64)
         g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -138,26 +139,46 @@ def _sparse_up_down_kernel(x_ptr, gw_ptr, gb_ptr, gate_ptr, uw_ptr, ub_ptr, dw_p
             g = tl.load(gate_ptr + offs_m[:, None] * stride_gm + neuron[None, :],
                         mask=m_mask[:, None] & j_mask[None, :], other=0.0)
         # Round as the dense FFN does (each linear's output is in the weights' dtype), then multiply.
-        h = tl.maximum(g.to(dw_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        h = tl.maximum(g.to(h_ptr.dtype.element_ty).to(tl.float32), 0.0)
         if HAS_UP:
             if HAS_UP_BIAS:
                 u += tl.load(ub_ptr + neuron, mask=j_mask, other=0.0).to(tl.float32)[None, :]
-            u = _activation(u.to(dw_ptr.dtype.element_ty).to(tl.float32), UP_ACT)
-            h = h * u.to(dw_ptr.dtype.element_ty).to(tl.float32)
+            u = _activation(u.to(h_ptr.dtype.element_ty).to(tl.float32), UP_ACT)
+            h = h * u.to(h_ptr.dtype.element_ty).to(tl.float32)
         h = tl.where(m_mask[:, None] & j_mask[None, :], h, 0.0)
-        needed = tl.max(tl.where(h != 0.0, 1, 0), axis=0) > 0  # down rows of all-zero neurons are not read
-        h_low = h.to(dw_ptr.dtype.element_ty)
-        for c in range(0, H_out, BLOCK_H):
-            offs_h = c + tl.arange(0, BLOCK_H)
-            h_mask = offs_h < H_out
-            wd = tl.load(dw_ptr + neuron[:, None] * stride_dn + offs_h[None, :] * stride_dh,
-                         mask=needed[:, None] & h_mask[None, :], other=0.0)
-            part = _dot(h_low, wd, IEEE, UPCAST)
-            out_mask = m_mask[:, None] & h_mask[None, :]
-            if PARTIAL:
-                tl.store(y_ptr + pid * stride_yp + offs_m[:, None] * stride_ym + offs_h[None, :], part, mask=out_mask)
-            else:
-                tl.atomic_add(y_ptr + offs_m[:, None] * stride_ym + offs_h[None, :], part, mask=out_mask)
+    tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_j[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & (offs_j < cap)[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, dw_ptr, idx_ptr, count_ptr, y_ptr, cap, M, H_out, stride_hm, stride_dn, stride_dh,
+                 stride_yp, stride_ym, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_H: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """y[:, cols] += h[:, chunk] @ down_rows[ids[chunk], cols]: one program per (column block, neuron chunk),
+    so even a few hundred neurons spread over the whole GPU. Rows of neurons whose h is zero in every row
+    (relu(up) <= 0) are not read."""
+    pid_h = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    count = tl.minimum(tl.load(count_ptr), cap)
+    if pid_n * BLOCK_N < count:
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_mask = offs_j < count
+        neuron = tl.load(idx_ptr + offs_j, mask=j_mask, other=0).to(tl.int64)
+        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_j[None, :], mask=m_mask[:, None] & j_mask[None, :],
+                    other=0.0)
+        needed = tl.max(tl.where(h != 0.0, 1, 0), axis=0) > 0
+        offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H_out
+        wd = tl.load(dw_ptr + neuron[:, None] * stride_dn + offs_h[None, :] * stride_dh,
+                     mask=needed[:, None] & h_mask[None, :], other=0.0)
+        part = _dot(h, wd, IEEE, UPCAST)
+        out_mask = m_mask[:, None] & h_mask[None, :]
+        if PARTIAL:
+            tl.store(y_ptr + pid_n * stride_yp + offs_m[:, None] * stride_ym + offs_h[None, :], part, mask=out_mask)
+        else:
+            tl.atomic_add(y_ptr + offs_m[:, None] * stride_ym + offs_h[None, :], part, mask=out_mask)
 
 
 def supports(x: torch.Tensor, up_act: str) -> bool:
@@ -207,8 +228,8 @@ def select_by_predictor(x, predictor_in, predictor_out, threshold: float, cap: i
 
 
 def triton_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
-                      neuron_ids=None, neuron_count=None, cap=None, deterministic=False, block_n=None, block_k=64,
-                      block_h=64, gate_block=64, num_warps=4):
+                      neuron_ids=None, neuron_count=None, cap=None, deterministic=False, block_n=16, block_k=256,
+                      block_h=128, down_block_n=64, gate_block=64, num_warps=4):
     """y = down(relu(gate x) * act(up x)) over the active (exact) or given (`neuron_ids`) neurons.
 
     `down_rows` is the down projection as [intermediate, out] (neuron-major or a transposed view). `x` is
@@ -224,7 +245,6 @@ def triton_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_rows, 
     device = x.device
     x = x.contiguous()
     dummy = torch.empty(1, device=device, dtype=x.dtype)
-    block_n = block_n or (64 if deterministic else 16)
     if neuron_ids is None:
         gate, ids, count = _compact(x, gate_weight, gate_bias, 0.0, store=True, relu_input=False,
                                     deterministic=deterministic, gate_block=gate_block, block_k=block_k,
@@ -237,25 +257,31 @@ def triton_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_rows, 
         gate, capacity, gather_gate = dummy, ids.numel(), True
     if cap is not None:
         capacity = min(capacity, cap)
-    programs = max(triton.cdiv(capacity, block_n), 1)
+    capacity = max(capacity, 1)
+    h = torch.empty(rows, capacity, device=device, dtype=x.dtype)
+    if POISON_SCRATCH:
+        h.fill_(float("nan"))
+    has_up = up_weight is not None
+    uw = up_weight if has_up else gate_weight
+    _gather_up_kernel[(triton.cdiv(capacity, block_n),)](
+        x, gate_weight, gate_bias if gate_bias is not None else dummy, gate, uw,
+        up_bias if up_bias is not None else dummy, ids, count, h,
+        capacity, rows, hidden, x.stride(0), gate_weight.stride(0), gate_weight.stride(1),
+        gate.stride(0) if not gather_gate else 0, uw.stride(0), uw.stride(1), h.stride(0),
+        GATHER_GATE=gather_gate, HAS_UP=has_up, HAS_GATE_BIAS=gate_bias is not None,
+        HAS_UP_BIAS=up_bias is not None, UP_ACT=ACT_CODES[up_act], BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        BLOCK_K=block_k, IEEE=x.dtype == torch.float32, UPCAST=_upcast(x), num_warps=num_warps)
+    chunks = triton.cdiv(capacity, down_block_n)
     if deterministic:
-        y = torch.zeros(programs, rows, out_features, device=device, dtype=torch.float32)
+        y = torch.zeros(chunks, rows, out_features, device=device, dtype=torch.float32)
         stride_yp, stride_ym = y.stride(0), y.stride(1)
     else:
         y = torch.zeros(rows, out_features, device=device, dtype=torch.float32)
         stride_yp, stride_ym = 0, y.stride(0)
-    has_up = up_weight is not None
-    uw = up_weight if has_up else gate_weight
-    _sparse_up_down_kernel[(programs,)](
-        x, gate_weight, gate_bias if gate_bias is not None else dummy, gate, uw,
-        up_bias if up_bias is not None else dummy, down_rows, ids, count, y,
-        capacity, rows, hidden, out_features, x.stride(0), gate_weight.stride(0), gate_weight.stride(1),
-        gate.stride(0) if not gather_gate else 0, uw.stride(0), uw.stride(1), down_rows.stride(0),
-        down_rows.stride(1), stride_yp, stride_ym,
-        GATHER_GATE=gather_gate, HAS_UP=has_up, HAS_GATE_BIAS=gate_bias is not None,
-        HAS_UP_BIAS=up_bias is not None, UP_ACT=ACT_CODES[up_act], PARTIAL=deterministic,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_H=block_h, IEEE=x.dtype == torch.float32,
-        UPCAST=_upcast(x), num_warps=num_warps)
+    _down_kernel[(triton.cdiv(out_features, block_h), chunks)](
+        h, down_rows, ids, count, y, capacity, rows, out_features, h.stride(0), down_rows.stride(0),
+        down_rows.stride(1), stride_yp, stride_ym, PARTIAL=deterministic, BLOCK_M=BLOCK_M, BLOCK_N=down_block_n,
+        BLOCK_H=block_h, IEEE=x.dtype == torch.float32, UPCAST=_upcast(x), num_warps=num_warps)
     if deterministic:
         y = y.sum(0)
     if down_bias is not None:
