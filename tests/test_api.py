@@ -138,3 +138,19 @@ def test_inductor_backend_generate_equals_eager(model):
         tokens = compiled.generate(ids, max_new_tokens=4, eos_token_id=None)
     assert torch.equal(tokens, model.generate(ids, max_new_tokens=4, eos_token_id=None))
     assert len(compiled.bamboo_report.sites) >= 2
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_compiled_bf16_model_on_cuda_uses_the_kernels_and_matches_dense():
+    from bamboo.kernels import max_sparse_rows
+
+    config = BambooConfig.named("tiny", num_hidden_layers=2, vocab_size=512)
+    model = BambooForCausalLM.from_config(config, seed=3, dtype=torch.bfloat16, device="cuda").eval()
+    compiled = bamboo.compile(model)
+    reference = BambooForCausalLM.from_config(config, seed=3, dtype=torch.float64, device="cuda").eval()
+    for batch in (1, max_sparse_rows(), 8):
+        ids = torch.randint(0, 512, (batch, 1), device="cuda")
+        ref = reference(ids)
+        dense_err = rel_err(model(ids).double(), ref)
+        assert rel_err(compiled(ids).double(), ref) <= max(2 * dense_err, 2e-2)

@@ -25,8 +25,13 @@ def triton_available() -> bool:
 
 
 def max_sparse_rows() -> int:
-    """Rows up to which exact mode uses the sparse kernels (BAMBOO_SPARSE_MAX_ROWS; see benchmarks/RESULTS.md)."""
-    return int(os.environ.get("BAMBOO_SPARSE_MAX_ROWS", "16"))
+    """Rows up to which exact mode uses the sparse kernels (BAMBOO_SPARSE_MAX_ROWS).
+
+    With random weights the union of active neurons over rows grows fast (50% of gates at 1 row, 75% at 2,
+    94% at 4): on an H100 exact mode is 1.50x dense at 1 row, 1.17x at 2 and 0.96x at 4
+    (benchmarks/RESULTS.md), so the default sends 3 rows and more to dense matmuls. A trained model with
+    sparser activations can raise it."""
+    return int(os.environ.get("BAMBOO_SPARSE_MAX_ROWS", "2"))
 
 
 def use_sparse_kernel(x2: torch.Tensor, up_act: str) -> bool:
@@ -64,7 +69,7 @@ def predicted_sparse_ffn(x, gate_weight, up_weight, down_rows, predictor_in, pre
     x2 = x.reshape(-1, x.shape[-1])
     if threshold is not None:
         ids, count = kernels.select_by_predictor(x2, predictor_in, predictor_out, threshold,
-                                                 gate_block=blocks.get("gate_block", 64),
+                                                 gate_block=blocks.get("gate_block") or 64,
                                                  num_warps=blocks.get("num_warps", 4))
         y = kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
                                       neuron_ids=ids, neuron_count=count, cap=k, **blocks)

@@ -28,6 +28,11 @@ import triton.language as tl
 POISON_SCRATCH = False
 
 ACT_CODES = {"identity": 0, "relu": 1, "silu": 2, "sigmoid": 3, "tanh": 4, "gelu_tanh": 5}
+# Block sizes picked by `python benchmarks/ffn_kernel.py --tune` on an H100 (Bamboo-7B shapes, bf16, batch 1).
+TUNED_BLOCKS = {
+    "exact": dict(block_n=32, block_k=256, down_block_n=32, block_h=256, gate_block=128),
+    "predictor": dict(block_n=32, block_k=256, down_block_n=64, block_h=128, gate_block=64),
+}
 BLOCK_M = 16  # rows are padded to 16 so tl.dot can use the tensor cores; the extra rows are masked
 
 
@@ -228,8 +233,8 @@ def select_by_predictor(x, predictor_in, predictor_out, threshold: float, cap: i
 
 
 def triton_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
-                      neuron_ids=None, neuron_count=None, cap=None, deterministic=False, block_n=16, block_k=256,
-                      block_h=128, down_block_n=64, gate_block=64, num_warps=4):
+                      neuron_ids=None, neuron_count=None, cap=None, deterministic=False, block_n=None, block_k=None,
+                      block_h=None, down_block_n=None, gate_block=None, num_warps=4):
     """y = down(relu(gate x) * act(up x)) over the active (exact) or given (`neuron_ids`) neurons.
 
     `down_rows` is the down projection as [intermediate, out] (neuron-major or a transposed view). `x` is
@@ -240,6 +245,10 @@ def triton_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_rows, 
     rows, hidden = x.shape
     if rows > BLOCK_M:
         raise ValueError(f"triton_sparse_ffn handles at most {BLOCK_M} rows, got {rows}")
+    defaults = TUNED_BLOCKS["exact" if neuron_ids is None else "predictor"]
+    block_n, block_k = block_n or defaults["block_n"], block_k or defaults["block_k"]
+    block_h, down_block_n = block_h or defaults["block_h"], down_block_n or defaults["down_block_n"]
+    gate_block = gate_block or defaults["gate_block"]
     intermediate = gate_weight.shape[0]
     out_features = down_rows.shape[1]
     device = x.device
