@@ -184,7 +184,10 @@ def save_pretrained(model, directory, max_shard_size: int | str = "5GB") -> None
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
             written.append(INDEX_NAME)
         # Everything is on disk: replace the old files, then drop stale weights of an earlier save.
+        umask = os.umask(0)
+        os.umask(umask)
         for name in written:
+            os.chmod(scratch / name, 0o666 & ~umask)  # files made inside the private scratch dir are 0600
             os.replace(scratch / name, directory / name)
         for old in directory.iterdir():
             if _SHARD_PATTERN.match(old.name) and old.name not in written:

@@ -147,4 +147,9 @@ NAMED_CONFIGS: dict[str, dict] = {
         hidden_size=128, intermediate_size=448, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, sliding_window=4096, torch_dtype="float32",
     ),
+    # The small dReLU model bamboo trains on Jane Austen's novels (examples/train_small_bamboo.py): 14M parameters.
+    "austen-small": dict(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, sliding_window=4096, tie_word_embeddings=True, torch_dtype="bfloat16",
+    ),
 }
