@@ -16,7 +16,7 @@ from bamboo.graph.capture import (copy_graph_module, export_program, normalize_e
 from bamboo.graph.site_table import SiteTable, describe_rejections
 from bamboo.passes import PassManager, default_passes, detect_ffn_sites
 
-SPARSITY_MODES = ("exact", "dense")
+SPARSITY_MODES = ("exact", "dense", "predictor")
 
 
 @dataclass
@@ -34,12 +34,20 @@ class CompileReport:
         return SiteTable(sites, rejected)
 
 
-def _check_sparsity(sparsity: str) -> None:
-    if sparsity == "predictor":
-        raise InputError("sparsity='predictor' needs trained predictors, which this release does not ship yet; "
-                         "use sparsity='exact' (lossless) or 'dense'")
+def _check_sparsity(sparsity: str, predictors=None):
+    """Validate the mode; load predictors given as a path."""
     if sparsity not in SPARSITY_MODES:
         raise InputError(f"sparsity must be one of {SPARSITY_MODES}, got {sparsity!r}")
+    if sparsity == "predictor":
+        if predictors is None:
+            raise InputError("sparsity='predictor' needs predictors=: a Predictors object from bamboo.calibrate or "
+                             "the path of a file saved by `bamboo calibrate`")
+        from bamboo.calibrate.predictors import Predictors
+
+        return predictors if isinstance(predictors, Predictors) else Predictors.load(predictors)
+    if predictors is not None:
+        raise InputError(f"predictors= only applies to sparsity='predictor', not {sparsity!r}")
+    return None
 
 
 def _model_name(model) -> str:
@@ -47,7 +55,7 @@ def _model_name(model) -> str:
 
 
 def make_dynamo_backend(backend: str, sparsity: str, report: CompileReport, name: str, dump_dir=None,
-                        **backend_options):
+                        predictors=None, **backend_options):
     """A torch.compile backend: run the passes on the captured graph, then hand it to the bamboo backend."""
     lowering = get_backend(backend, **backend_options)
 
@@ -55,14 +63,15 @@ def make_dynamo_backend(backend: str, sparsity: str, report: CompileReport, name
         if sparsity == "dense":
             return lowering.compile_graph(gm, example_inputs)
         constants = placeholder_constants(gm, example_inputs)
-        manager = PassManager(default_passes(sparsity, constants, store_weights_as="input"), dump_dir=dump_dir)
+        manager = PassManager(default_passes(sparsity, constants, store_weights_as="input", predictors=predictors),
+                              dump_dir=dump_dir)
         result = manager(copy_graph_module(gm))
         rewrite = result.stats.get("RewriteToSparseFFN", {})
         report.graphs.append({**rewrite, "history": manager.history})
         if not report.sites:
             warnings.warn(f"bamboo.compile: no ReLU-sparse FFN found in {name}; it runs unchanged (dense). "
                           + describe_rejections(rewrite.get("rejected", [])), stacklevel=2)
-        extra = result.stats.get("StoreDownProjNeuronMajor", {}).get("extra_inputs", [])
+        extra = [t for record in manager.history for t in record.stats.get("extra_inputs", [])]
         compiled = lowering.compile_graph(result.graph_module, list(example_inputs) + extra)
         return append_inputs(compiled, extra)
 
@@ -80,18 +89,20 @@ def append_inputs(compiled, extra: list):
     return run
 
 
-def compile(model, backend: str = "eager", sparsity: str = "exact", *, dynamic: Optional[bool] = None,
-            fullgraph: bool = False, dump_dir=None, **backend_options):
+def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictors=None,
+            dynamic: Optional[bool] = None, fullgraph: bool = False, dump_dir=None, **backend_options):
     """A module with `model`'s call signature whose FFNs run as bamboo::sparse_ffn.
 
     For an nn.Module the result is a shallow copy sharing the parameters, with forward compiled, so its other
     methods (the Bamboo model's generate) go through the compiled forward; `model` itself is not changed.
     Compilation happens lazily at the first call (per input shape); `result.bamboo_report` says what matched.
-    Weights are read at compile time: compile after loading them.
+    Weights are read at compile time: compile after loading them. sparsity="predictor" takes `predictors`
+    (from bamboo.calibrate, or a saved file); they are checked against the model's weights.
     """
-    _check_sparsity(sparsity)
+    predictors = _check_sparsity(sparsity, predictors)
     report = CompileReport()
-    dynamo_backend = make_dynamo_backend(backend, sparsity, report, _model_name(model), dump_dir, **backend_options)
+    dynamo_backend = make_dynamo_backend(backend, sparsity, report, _model_name(model), dump_dir, predictors,
+                                         **backend_options)
     if isinstance(model, torch.nn.Module):
         compiled = copy.copy(model)
         compiled.forward = torch.compile(model.forward, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph)
@@ -104,16 +115,32 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, dynamic: 
     raise InputError(f"bamboo.compile needs an nn.Module or a callable, got {type(model).__name__}")
 
 
-def inspect(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict] = None) -> SiteTable:
-    """The FFN sites bamboo would rewrite (and the candidates it refused, with the reason)."""
+def inspect(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict] = None,
+            predictors=None) -> SiteTable:
+    """The FFN sites bamboo would rewrite (and the candidates it refused, with the reason). With `predictors`,
+    the table also shows each site's predictor threshold, cap and measured recall and density."""
     program = export_program(model, example_inputs, example_kwargs, dynamic=False)
     report = detect_ffn_sites(program.graph)
-    return SiteTable(report.sites, report.rejected)
+    extra = None
+    if predictors is not None:
+        predictors = _check_sparsity("predictor", predictors)
+        found = [predictors.get(s.module) for s in report.sites]
+        extra = {
+            "threshold": [f"{p.threshold:.3f}" if p else "-" for p in found],
+            "cap k": [(p.top_k or "-") if p else "-" for p in found],
+            "recall": [f"{p.stats.get('recall', float('nan')):.3f}" if p else "-" for p in found],
+            "predicted active": [f"{p.stats.get('density', float('nan')):.1%}" if p else "-" for p in found],
+        }
+    return SiteTable(report.sites, report.rejected, extra)
 
 
 def _drop_unused_parameters(gm: fx.GraphModule) -> None:
     """Remove parameters and buffers no node reads (the [out, in] down weights after the layout pass)."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:  # dead reads (a tied weight read under both names)
+            gm.graph.erase_node(node)
+    gm.recompile()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         if name not in used:
             owner_path, _, attr = name.rpartition(".")
@@ -125,19 +152,20 @@ def _drop_unused_parameters(gm: fx.GraphModule) -> None:
 
 
 def export(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict] = None, *,
-           sparsity: str = "exact", dynamic: bool = True, dump_dir=None):
+           sparsity: str = "exact", predictors=None, dynamic: bool = True, dump_dir=None):
     """An ExportedProgram with the FFNs rewritten; save it with torch.export.save (load needs `import bamboo`).
 
     The down projections are stored neuron-major only (the [out, in] copies are dropped), so the program holds
     each weight once. With dynamic=True, batch and sequence dims stay dynamic (use examples with both >= 2).
     """
-    _check_sparsity(sparsity)
+    predictors = _check_sparsity(sparsity, predictors)
     args = normalize_example_inputs(example_inputs)
     program = export_program(model, args, example_kwargs, dynamic)
     if sparsity == "dense":
         return program
     gm = program.module()
-    result = PassManager(default_passes(sparsity, keep_original_weights=False), dump_dir=dump_dir)(gm)
+    result = PassManager(default_passes(sparsity, keep_original_weights=False, predictors=predictors),
+                         dump_dir=dump_dir)(gm)
     gm = result.graph_module
     rewrite = result.stats.get("RewriteToSparseFFN", {})
     if not rewrite.get("rewritten"):

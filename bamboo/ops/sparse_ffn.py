@@ -11,6 +11,9 @@ sparse path reads). When both are given they hold the same values; gradients go 
 
 mode="exact": compute the gate densely, then the up rows and down rows only of neurons whose product can be
 nonzero (union over all rows of the batch). Nothing is approximated. mode="dense": the plain FFN.
+mode="predictor": a low-rank predictor scores each neuron, s = relu(x P_in^T) P_out^T + b; the neurons whose
+score exceeds `threshold` for any row are computed (gate, up and down rows), all others are taken as zero;
+`top_k` > 0 caps how many are kept (the reference keeps the best-scored; the GPU kernel any top_k of them).
 The output shape always equals the dense FFN's: selection happens inside the op.
 """
 from __future__ import annotations
@@ -27,7 +30,7 @@ from bamboo.errors import InputError
 from bamboo.ops import activations
 
 KINDS = ("drelu", "reglu", "relu_mlp")
-MODES = ("exact", "dense")
+MODES = ("exact", "dense", "predictor")
 
 
 # -- weight-traffic accounting (eager reference only; used by the demo and tests) ----------------------------
@@ -70,7 +73,8 @@ def out_features(down_weight: Optional[Tensor], down_weight_nm: Optional[Tensor]
     return down_weight.shape[0] if down_weight is not None else down_weight_nm.shape[1]
 
 
-def check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act) -> None:
+def check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act,
+                    predictor_in=None, predictor_out=None) -> None:
     if kind not in KINDS:
         raise InputError(f"sparse_ffn kind must be one of {KINDS}, got {kind!r}")
     if mode not in MODES:
@@ -96,6 +100,13 @@ def check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind
         raise InputError(f"sparse_ffn: down_weight {tuple(down_weight.shape)} does not take {intermediate} inputs")
     if down_weight_nm is not None and down_weight_nm.shape[0] != intermediate:
         raise InputError(f"sparse_ffn: down_weight_nm {tuple(down_weight_nm.shape)} does not have {intermediate} rows")
+    if mode == "predictor":
+        if predictor_in is None or predictor_out is None:
+            raise InputError("sparse_ffn mode='predictor' needs predictor_in and predictor_out (from bamboo.calibrate)")
+        if predictor_in.shape[1] != hidden or predictor_out.shape != (intermediate, predictor_in.shape[0]):
+            raise InputError(f"sparse_ffn: predictor shapes {tuple(predictor_in.shape)} and "
+                             f"{tuple(predictor_out.shape)} do not fit an FFN of hidden {hidden} and intermediate "
+                             f"{intermediate}: these predictors belong to another model")
 
 
 # -- the dense formula (also used by the backward) -------------------------------------------------------------
@@ -115,19 +126,52 @@ def _nbytes(t: Optional[Tensor], rows: Optional[int] = None) -> int:
     return (rows if rows is not None else 1) * per_row * t.element_size()
 
 
+def predictor_scores(x2, predictor_in, predictor_out, predictor_bias) -> Tensor:
+    """Scores [rows, intermediate] in fp32."""
+    hidden = torch.relu(x2.to(predictor_in.dtype) @ predictor_in.t())
+    scores = (hidden @ predictor_out.t()).float()
+    return scores + predictor_bias.float() if predictor_bias is not None else scores
+
+
+def predictor_selection(x2, predictor_in, predictor_out, predictor_bias, threshold: float, top_k: int) -> Tensor:
+    """Ids of the neurons predictor mode computes (union over rows), at most top_k (the best-scored) if > 0."""
+    best = predictor_scores(x2, predictor_in, predictor_out, predictor_bias).amax(0)
+    chosen = (best > threshold).nonzero().squeeze(1)
+    if 0 < top_k < chosen.numel():
+        chosen = chosen.index_select(0, best.index_select(0, chosen).topk(top_k).indices)
+    return chosen
+
+
 def reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias,
-                         kind, mode, up_act) -> Tensor:
-    check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act)
+                         predictor_in=None, predictor_out=None, predictor_bias=None, kind="drelu", mode="exact",
+                         up_act="relu", threshold: float = 0.0, top_k: int = 0) -> Tensor:
+    """The op's meaning in plain torch (arguments in the op's order)."""
+    check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act, predictor_in,
+                    predictor_out)
     lead, hidden = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, hidden)
     intermediate = gate_weight.shape[0]
     down_bytes = _nbytes(down_weight if down_weight_nm is None else down_weight_nm)
     dense_bytes = _nbytes(gate_weight) + _nbytes(up_weight) + down_bytes
-    gate = torch.relu(F.linear(x2, gate_weight, gate_bias))
+    gate = torch.relu(F.linear(x2, gate_weight, gate_bias)) if mode != "predictor" else None
     if mode == "dense":
         h = gate if kind == "relu_mlp" else gate * activations.apply(up_act, F.linear(x2, up_weight, up_bias))
         y = h @ _down_rows(down_weight, down_weight_nm)
         _record(dense_bytes, dense_bytes)
+    elif mode == "predictor":
+        active = predictor_selection(x2, predictor_in, predictor_out, predictor_bias, threshold, top_k)
+        gate = torch.relu(F.linear(x2, gate_weight.index_select(0, active),
+                                   None if gate_bias is None else gate_bias.index_select(0, active)))
+        h = gate
+        if kind != "relu_mlp":
+            up = F.linear(x2, up_weight.index_select(0, active),
+                          None if up_bias is None else up_bias.index_select(0, active))
+            h = gate * activations.apply(up_act, up)
+        y = h @ _down_rows(down_weight, down_weight_nm, active)
+        rows = active.numel()
+        predictor_bytes = _nbytes(predictor_in) + _nbytes(predictor_out)
+        _record(dense_bytes, predictor_bytes + _nbytes(gate_weight, rows) + _nbytes(up_weight, rows)
+                + down_bytes * rows // max(intermediate, 1))
     else:
         # Gate first: neurons whose ReLU is zero for every row contribute exactly nothing.
         active = (gate > 0).any(0).nonzero().squeeze(1)
@@ -154,24 +198,36 @@ def reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_wei
 @torch.library.custom_op("bamboo::sparse_ffn", mutates_args=())
 def sparse_ffn(x: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor], up_weight: Optional[Tensor],
                up_bias: Optional[Tensor], down_weight: Optional[Tensor], down_weight_nm: Optional[Tensor],
-               down_bias: Optional[Tensor], kind: str, mode: str, up_act: str) -> Tensor:
+               down_bias: Optional[Tensor], predictor_in: Optional[Tensor], predictor_out: Optional[Tensor],
+               predictor_bias: Optional[Tensor], kind: str, mode: str, up_act: str, threshold: float,
+               top_k: int) -> Tensor:
     return reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
-                                down_bias, kind, mode, up_act)
+                                down_bias, predictor_in, predictor_out, predictor_bias, kind, mode, up_act,
+                                threshold, top_k)
 
 
 @sparse_ffn.register_fake
-def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias, kind, mode, up_act):
-    check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act)
+def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias, predictor_in,
+      predictor_out, predictor_bias, kind, mode, up_act, threshold, top_k):
+    check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act, predictor_in,
+                    predictor_out)
     return x.new_empty(*x.shape[:-1], out_features(down_weight, down_weight_nm))
+
+
+TENSOR_ARGS = 11  # x ... predictor_bias; then kind, mode, up_act, threshold, top_k
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:8])
-    ctx.kind, ctx.mode, ctx.up_act = inputs[8:]
+    ctx.kind, ctx.mode, ctx.up_act = inputs[TENSOR_ARGS:TENSOR_ARGS + 3]
 
 
 def _backward(ctx, grad_out):
     """Exact gradients of the dense formula (exact mode computes the same function)."""
+    if ctx.mode == "predictor":
+        raise InputError("bamboo::sparse_ffn in predictor mode is inference-only: it drops neurons, so it has no "
+                         "gradient of the dense FFN. Train with sparsity='exact' or 'dense', or run under "
+                         "torch.no_grad()")
     x, gw, gb, uw, ub, dw, dnm, db = ctx.saved_tensors
     kind, up_act = ctx.kind, ctx.up_act
     hidden = x.shape[-1]
@@ -203,33 +259,42 @@ def _backward(ctx, grad_out):
         d_ub = db_.sum(0) if ub is not None else None
     d_gw = da.t() @ x2
     d_gb = da.sum(0) if gb is not None else None
-    return (dx.reshape(x.shape), d_gw, d_gb, d_uw, d_ub, d_dw, d_dnm, d_db, None, None, None)
+    return (dx.reshape(x.shape), d_gw, d_gb, d_uw, d_ub, d_dw, d_dnm, d_db) + (None,) * 8
 
 
 sparse_ffn.register_autograd(_backward, setup_context=_setup_context)
 
 
 @sparse_ffn.register_kernel("cuda")
-def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias, kind, mode, up_act):
-    """Decode-sized exact-mode calls run the Triton kernels; everything else (prefill, dense mode, fp32,
-    no Triton) runs the reference, whose dense matmuls are cuBLAS."""
+def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias, predictor_in,
+      predictor_out, predictor_bias, kind, mode, up_act, threshold, top_k):
+    """Decode-sized exact and predictor calls run the Triton kernels; everything else (prefill, dense mode,
+    fp32, no Triton) runs the reference, whose dense matmuls are cuBLAS."""
     from bamboo import kernels
 
-    check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act)
+    check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act, predictor_in,
+                    predictor_out)
     x2 = x.reshape(-1, x.shape[-1])
-    if mode != "exact" or not kernels.use_sparse_kernel(x2, up_act):
+    act = "identity" if kind == "relu_mlp" else up_act
+    if mode == "dense" or not kernels.use_sparse_kernel(x2, act, mode):
         return reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
-                                    down_bias, kind, mode, up_act)
-    from bamboo.kernels.sparse_ffn_triton import triton_sparse_ffn
+                                    down_bias, predictor_in, predictor_out, predictor_bias, kind, mode, up_act,
+                                    threshold, top_k)
+    from bamboo.kernels import sparse_ffn_triton as triton_kernels
 
     down_rows = down_weight_nm if down_weight_nm is not None else down_weight.t()
-    y = triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias,
-                          "identity" if kind == "relu_mlp" else up_act)
+    if mode == "exact":
+        y = triton_kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, act)
+    else:
+        ids, count = triton_kernels.select_by_predictor(x2, predictor_in, predictor_out, threshold,
+                                                        bias=predictor_bias)
+        y = triton_kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias,
+                                             act, neuron_ids=ids, neuron_count=count, cap=top_k or None)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def dense_ffn(x, gate_weight, gate_bias=None, up_weight=None, up_bias=None, down_weight=None, down_weight_nm=None,
-              down_bias=None, kind="drelu", up_act="relu") -> Tensor:
+              down_bias=None, kind="drelu", up_act="relu") -> Tensor:  # noqa: D401
     """The FFN computed densely, in plain torch: the reference the tests compare against."""
     return reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
-                                down_bias, kind, "dense", up_act)
+                                down_bias, kind=kind, mode="dense", up_act=up_act)

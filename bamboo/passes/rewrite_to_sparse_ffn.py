@@ -29,10 +29,12 @@ def rewrite_site(graph: fx.Graph, site: FFNSite, mode: str) -> fx.Node:
         up_w = _as_out_in(graph, m.up.weight, m.up.layout, out) if m.up else None
         # A down weight stored [intermediate, out] is already neuron-major.
         down_w, down_nm = (m.down.weight, None) if m.down.layout == "out_in" else (None, m.down.weight)
+        # Predictor tensors and scalars are filled in by AttachPredictors; until then the site runs exact.
         args = (m.x, gate_w, m.gate.bias, up_w, m.up.bias if m.up else None, down_w, down_nm, m.down.bias,
-                site.kind, mode, site.up_act)
+                None, None, None, site.kind, "exact" if mode == "predictor" else mode, site.up_act, 0.0, 0)
         fused = graph.call_function(SPARSE_FFN, args)
     fused.meta.update({k: v for k, v in out.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+    fused.meta["bamboo_site_module"] = site.module
     set_meta_value(fused, meta_value(out), out)
     out.replace_all_uses_with(fused)
     order = {node: i for i, node in enumerate(graph.nodes)}

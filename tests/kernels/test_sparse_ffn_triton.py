@@ -40,12 +40,12 @@ def reference(w, kind, up_act, ids=None):
         sel = ids.long().cpu()
         gw, uw, dw = gw[sel], uw[sel] if uw is not None else None, dw[:, sel]
         gb, ub = (gb[sel] if gb is not None else None), (ub[sel] if ub is not None else None)
-    return reference_sparse_ffn(d["x"], gw, gb, uw, ub, dw, None, d["db"], kind, "dense", up_act)
+    return reference_sparse_ffn(d["x"], gw, gb, uw, ub, dw, None, d["db"], kind=kind, mode="dense", up_act=up_act)
 
 
 def dense_same_dtype(w, kind, up_act):
-    return reference_sparse_ffn(w["x"], w["gw"], w["gb"], w["uw"], w["ub"], w["dw"], None, w["db"], kind, "dense",
-                                up_act)
+    return reference_sparse_ffn(w["x"], w["gw"], w["gb"], w["uw"], w["ub"], w["dw"], None, w["db"], kind=kind,
+                                mode="dense", up_act=up_act)
 
 
 def rel(a, b):
@@ -128,8 +128,8 @@ def test_op_dispatches_to_the_kernel_on_cuda_and_falls_back_for_prefill():
     gen = torch.Generator().manual_seed(5)
     for rows in (1, 16, 64):
         w = make(rows, 512, 1536, 512, torch.bfloat16, gen)
-        y = torch.ops.bamboo.sparse_ffn(w["x"], w["gw"], None, w["uw"], None, w["dw"], None, None, "drelu", "exact",
-                                        "relu")
+        y = torch.ops.bamboo.sparse_ffn(w["x"], w["gw"], None, w["uw"], None, w["dw"], None, None, None, None, None,
+                                        "drelu", "exact", "relu", 0.0, 0)
         ref = reference(w, "drelu", "relu")
         assert rel(y, ref) <= max(2 * rel(dense_same_dtype(w, "drelu", "relu"), ref), TOL[torch.bfloat16])
 

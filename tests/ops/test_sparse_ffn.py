@@ -26,12 +26,15 @@ def ffn_args(kind="drelu", hidden=24, intermediate=72, out=None, bias=False, dty
         uw = ub = None
     up_act = up_act or {"drelu": "relu", "reglu": "silu", "relu_mlp": "identity"}[kind]
     down_w, down_nm = (None, dw.t().contiguous()) if neuron_major else (dw, None)
-    return [x, gw, gb, uw, ub, down_w, down_nm, db, kind, "exact", up_act]
+    return [x, gw, gb, uw, ub, down_w, down_nm, db, None, None, None, kind, "exact", up_act, 0.0, 0]
+
+
+KIND, MODE = 11, 12  # argument positions in bamboo::sparse_ffn
 
 
 def fp64_dense(args):
     cast = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
-    cast[9] = "dense"
+    cast[MODE] = "dense"
     return reference_sparse_ffn(*cast)
 
 
@@ -65,7 +68,7 @@ def test_dense_and_exact_agree_and_neuron_major_layout_is_equivalent():
     both = list(args)
     both[6] = nm[6]
     dense = list(args)
-    dense[9] = "dense"
+    dense[MODE] = "dense"
     ref = OP(*dense)
     for variant in (args, nm, both):
         torch.testing.assert_close(OP(*variant), ref, rtol=1e-5, atol=1e-6)
@@ -121,7 +124,7 @@ def test_bad_arguments_name_the_problem():
     with pytest.raises(InputError, match="cast the input"):
         OP(*wrong_dtype)
     bad_kind = list(args)
-    bad_kind[8] = "swiglu"
+    bad_kind[KIND] = "swiglu"
     with pytest.raises(InputError, match="kind must be one of"):
         OP(*bad_kind)
     no_up = list(args)

@@ -1,0 +1,132 @@
+"""Per-layer activation predictors (Deja Vu / PowerInfer style): score = relu(x W_in^T) W_out^T + b, a neuron
+is computed when its score exceeds the layer's threshold. Saved as safetensors with metadata that ties them
+to the model they were calibrated for (sizes and a fingerprint of each layer's gate weight)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from bamboo.errors import InputError
+
+FORMAT = "bamboo-predictors-v1"
+
+
+def fingerprint(gate_weight: torch.Tensor) -> str:
+    """A short hash of a strided sample of the gate weight, rounded to bf16 so that the same model loaded in
+    fp32, fp16 or bf16 gives the same fingerprint (to about bf16 precision)."""
+    flat = gate_weight.detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    sample = flat[::step][:4096].float().cpu().to(torch.bfloat16).float()
+    digest = hashlib.sha256(sample.numpy().tobytes() + str(tuple(gate_weight.shape)).encode()).hexdigest()
+    return digest[:16]
+
+
+@dataclass
+class LayerPredictor:
+    module: str
+    w_in: torch.Tensor       # [rank, hidden]
+    w_out: torch.Tensor      # [intermediate, rank]
+    bias: torch.Tensor       # [intermediate]
+    threshold: float
+    fingerprint: str
+    top_k: int = 0           # 0: no cap
+    stats: dict = field(default_factory=dict)  # recall, precision, density measured on held-out tokens
+
+    @property
+    def rank(self) -> int:
+        return self.w_in.shape[0]
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x.to(self.w_in.dtype) @ self.w_in.t()) @ self.w_out.t() + self.bias
+
+    def to(self, dtype=None, device=None) -> "LayerPredictor":
+        move = lambda t: t.to(dtype=dtype, device=device)  # noqa: E731
+        return LayerPredictor(self.module, move(self.w_in), move(self.w_out), move(self.bias), self.threshold,
+                              self.fingerprint, self.top_k, dict(self.stats))
+
+
+class Predictors(dict):
+    """module path -> LayerPredictor, plus calibration metadata; `str()` gives the per-layer table."""
+
+    def __init__(self, layers=(), meta=None):
+        super().__init__((p.module, p) for p in layers)
+        self.meta = dict(meta or {})
+
+    def save(self, path: str | Path) -> None:
+        tensors, layers = {}, []
+        for i, p in enumerate(self.values()):
+            tensors.update({f"{i}.w_in": p.w_in.contiguous(), f"{i}.w_out": p.w_out.contiguous(),
+                            f"{i}.bias": p.bias.contiguous()})
+            layers.append({"module": p.module, "threshold": p.threshold, "fingerprint": p.fingerprint,
+                           "top_k": p.top_k, "stats": p.stats})
+        header = {"format": FORMAT, "meta": self.meta, "layers": layers}
+        save_file(tensors, str(path), metadata={"bamboo": json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Predictors":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"predictor file {path} does not exist; create one with `bamboo calibrate`")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                header = json.loads(metadata.get("bamboo", "{}"))
+                if header.get("format") != FORMAT:
+                    raise InputError(f"{path} is not a bamboo predictor file (no '{FORMAT}' metadata); create one "
+                                     "with `bamboo calibrate`")
+                layers = [LayerPredictor(entry["module"], f.get_tensor(f"{i}.w_in"), f.get_tensor(f"{i}.w_out"),
+                                         f.get_tensor(f"{i}.bias"), entry["threshold"], entry["fingerprint"],
+                                         entry.get("top_k", 0), entry.get("stats", {}))
+                          for i, entry in enumerate(header["layers"])]
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{path} could not be read as a predictor file ({exc}); re-run `bamboo calibrate`") from None
+        return cls(layers, header.get("meta"))
+
+    def check_fits(self, module: str, gate_weight: torch.Tensor) -> LayerPredictor:
+        """The predictor for the FFN at `module`, after checking it was calibrated for this gate weight."""
+        if module not in self:
+            raise InputError(f"no predictor for the FFN at {module!r} (predictors cover {sorted(self)[:4]}...): "
+                             "these predictors belong to another model; run `bamboo calibrate` for this one")
+        p = self[module]
+        if tuple(p.w_out.shape[:1]) != (gate_weight.shape[0],) or p.w_in.shape[1] != gate_weight.shape[1]:
+            raise InputError(f"predictor for {module!r} is sized for hidden {p.w_in.shape[1]} / intermediate "
+                             f"{p.w_out.shape[0]} but the FFN has {gate_weight.shape[1]} / {gate_weight.shape[0]}: "
+                             "these predictors belong to another model; run `bamboo calibrate` for this one")
+        if fingerprint(gate_weight) != p.fingerprint:
+            raise InputError(f"predictor for {module!r} was calibrated for different weights (gate fingerprint "
+                             f"{p.fingerprint}, this model {fingerprint(gate_weight)}): these predictors belong "
+                             "to another model; run `bamboo calibrate` for this one")
+        return p
+
+    def __str__(self) -> str:
+        from bamboo.graph.site_table import format_table
+
+        rows = [[p.module, p.rank, f"{p.threshold:.3f}", p.top_k or "-", f"{p.stats.get('recall', float('nan')):.3f}",
+                 f"{p.stats.get('precision', float('nan')):.3f}", f"{p.stats.get('density', float('nan')):.1%}",
+                 f"{p.stats.get('true_density', float('nan')):.1%}"] for p in self.values()]
+        return format_table(["layer", "rank", "threshold", "cap", "recall", "precision", "predicted active",
+                             "actually active"], rows)
+
+    __repr__ = __str__
+
+    def to_json(self) -> dict:
+        return {"meta": self.meta, "layers": [{"module": p.module, "rank": p.rank, "threshold": p.threshold,
+                                               "top_k": p.top_k, **p.stats} for p in self.values()]}
+
+    def summary(self) -> dict:
+        stats = [p.stats for p in self.values()]
+        mean = lambda key: sum(s.get(key, 0.0) for s in stats) / max(len(stats), 1)  # noqa: E731
+        return {"recall": mean("recall"), "precision": mean("precision"), "density": mean("density"),
+                "true_density": mean("true_density")}
+
+
+def as_dict(p: LayerPredictor) -> dict:
+    return {k: v for k, v in asdict(p).items() if not isinstance(v, torch.Tensor)}
