@@ -78,6 +78,27 @@ def make_dynamo_backend(backend: str, sparsity: str, report: CompileReport, name
     return bamboo_backend
 
 
+def _surface_bamboo_errors(compiled_fn):
+    """Dynamo wraps whatever a backend raises in BackendCompilerFailed with a long trace; a BambooError (wrong
+    predictors, a bad argument) is re-raised as itself, so the user reads the problem and the fix."""
+    import functools
+
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from bamboo.errors import BambooError
+
+    @functools.wraps(compiled_fn)
+    def run(*args, **kwargs):
+        try:
+            return compiled_fn(*args, **kwargs)
+        except BackendCompilerFailed as exc:
+            if isinstance(exc.inner_exception, BambooError):
+                raise exc.inner_exception from None
+            raise
+
+    return run
+
+
 def append_inputs(compiled, extra: list):
     """Call `compiled` with the tensors the passes added as trailing graph inputs (the neuron-major weights)."""
     if not extra:
@@ -105,11 +126,12 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
                                          **backend_options)
     if isinstance(model, torch.nn.Module):
         compiled = copy.copy(model)
-        compiled.forward = torch.compile(model.forward, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph)
+        compiled.forward = _surface_bamboo_errors(
+            torch.compile(model.forward, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph))
         compiled.bamboo_report = report
         return compiled
     if callable(model):
-        fn = torch.compile(model, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph)
+        fn = _surface_bamboo_errors(torch.compile(model, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph))
         fn.bamboo_report = report
         return fn
     raise InputError(f"bamboo.compile needs an nn.Module or a callable, got {type(model).__name__}")

@@ -35,6 +35,39 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _load_model(name_or_dir: str, dtype: str = "float32"):
+    import torch
+
+    from bamboo.models import BambooForCausalLM, pretrained_path
+
+    target = Path(name_or_dir)
+    if not target.is_dir():
+        target = pretrained_path(name_or_dir)
+    return BambooForCausalLM.from_pretrained(target, dtype=getattr(torch, dtype))
+
+
+def _cmd_calibrate(args) -> int:
+    import json
+
+    import bamboo
+    from bamboo.calibrate.corpus import load_processed, random_batches
+
+    model = _load_model(args.model)
+    train, _, provenance = load_processed()
+    batches = random_batches(train, args.batch_size, args.seq_len, seed=args.seed)
+    data = [next(batches) for _ in range(args.batches)]
+    print(f"calibrating {args.model} on {args.batches} batches of {args.batch_size}x{args.seq_len} tokens of "
+          f"{provenance['source'].split('(')[0].strip()}")
+    predictors = bamboo.calibrate(model, data, rank=args.rank, target_recall=args.target_recall, epochs=args.epochs,
+                                  seed=args.seed)
+    predictors.save(args.out)
+    print(predictors)
+    print(f"saved {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(predictors.to_json(), indent=2) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     from bamboo import __version__
     from bamboo.errors import BambooError
@@ -54,6 +87,19 @@ def main(argv=None) -> int:
     inspect.add_argument("--batch", type=int, default=2)
     inspect.add_argument("--seq-len", type=int, default=8)
     inspect.set_defaults(func=_cmd_inspect)
+
+    cal = sub.add_parser("calibrate", help="train per-layer activation predictors for predictor mode")
+    cal.add_argument("--model", default="austen-small", help="checkpoint directory or bundled model name")
+    cal.add_argument("--out", default="predictors.safetensors")
+    cal.add_argument("--json", default=None, help="also write the per-layer report as JSON")
+    cal.add_argument("--rank", type=int, default=64)
+    cal.add_argument("--target-recall", type=float, default=0.99)
+    cal.add_argument("--epochs", type=int, default=3)
+    cal.add_argument("--batches", type=int, default=64, help="batches of Austen training text")
+    cal.add_argument("--batch-size", type=int, default=8)
+    cal.add_argument("--seq-len", type=int, default=256)
+    cal.add_argument("--seed", type=int, default=0)
+    cal.set_defaults(func=_cmd_calibrate)
 
     args = parser.parse_args(argv)
     try:

@@ -35,3 +35,13 @@ def test_errors_are_one_line_not_a_traceback(capsys):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "bamboo", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("bamboo ")
+
+
+def test_calibrate_command_writes_a_predictor_file(capsys, tmp_path):
+    from bamboo.calibrate import Predictors
+
+    out = tmp_path / "p.safetensors"
+    assert main(["calibrate", "--batches", "3", "--batch-size", "2", "--seq-len", "32", "--epochs", "1",
+                 "--rank", "8", "--out", str(out), "--json", str(tmp_path / "p.json")]) == 0
+    assert "model.layers.5.mlp" in capsys.readouterr().out
+    assert len(Predictors.load(out)) == 6 and (tmp_path / "p.json").exists()

@@ -72,15 +72,21 @@ class _Reservoir:
 
 
 class _LayerCalibration:
-    def __init__(self, weights: SiteWeights, rank: int, lr: float, max_scores: int, seed: int):
+    def __init__(self, weights: SiteWeights, rank: int, lr: float, max_scores: int, seed: int,
+                 existing: LayerPredictor | None = None):
         self.w = weights
         site = weights.site
         hidden, intermediate = site.hidden_size, site.intermediate_size
         device = weights.gate_weight.device
         gen = torch.Generator().manual_seed(seed)
-        self.w_in = (torch.randn(rank, hidden, generator=gen) / hidden**0.5).to(device).requires_grad_()
-        self.w_out = (torch.randn(intermediate, rank, generator=gen) / rank**0.5).to(device).requires_grad_()
-        self.bias = torch.zeros(intermediate, device=device, requires_grad=True)
+        if existing is not None:  # re-threshold a trained predictor
+            self.w_in = existing.w_in.float().to(device).clone().requires_grad_()
+            self.w_out = existing.w_out.float().to(device).clone().requires_grad_()
+            self.bias = existing.bias.float().to(device).clone().requires_grad_()
+        else:
+            self.w_in = (torch.randn(rank, hidden, generator=gen) / hidden**0.5).to(device).requires_grad_()
+            self.w_out = (torch.randn(intermediate, rank, generator=gen) / rank**0.5).to(device).requires_grad_()
+            self.bias = torch.zeros(intermediate, device=device, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.w_in, self.w_out, self.bias], lr=lr)
         self.positives = _Reservoir(max_scores, gen)
         self.all_scores = _Reservoir(max_scores, gen)
@@ -143,6 +149,61 @@ class _LayerCalibration:
                                      "true_density": true_density, "kind": site.kind})
 
 
+def _stream(model, by_module: dict, train: list, heldout: list, epochs: int, progress: bool) -> None:
+    """Run the batches with hooks on the FFN modules: train on `train`, then observe `heldout`."""
+    mode = {"train": True}
+
+    def hook(module_name):
+        def pre_hook(module, args):
+            x = args[0] if args else None
+            for layer in by_module[module_name]:
+                if not isinstance(x, torch.Tensor) or x.shape[-1] != layer.w.site.hidden_size:
+                    raise InputError(f"cannot capture the FFN input of module {module_name!r}: its first argument is "
+                                     "not the FFN input; calibrate needs the FFN in a module of its own")
+                layer.step(x) if mode["train"] else layer.observe(x)
+        return pre_hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in by_module]
+    try:
+        for epoch in range(epochs if train else 0):
+            for batch in tqdm(train, desc=f"calibrating predictors (epoch {epoch + 1}/{epochs})", disable=not progress):
+                _call(model, batch)
+        mode["train"] = False
+        for batch in tqdm(heldout, desc="choosing thresholds on held-out batches", disable=not progress):
+            _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _layers_by_module(layers) -> dict:
+    by_module = {}
+    for layer in layers:
+        module = layer.w.site.module
+        if module is None:
+            raise InputError("an FFN site has no module path: calibrate hooks the module that holds the FFN")
+        by_module.setdefault(module, []).append(layer)
+    return by_module
+
+
+@torch.no_grad()
+def set_thresholds(model: torch.nn.Module, predictors: Predictors, batches, target_recall: float,
+                   max_scores: int = 1_000_000, progress: bool = False) -> Predictors:
+    """New thresholds for trained predictors: each layer's threshold for `target_recall` on `batches`
+    (recall, precision and density re-measured there). The predictors' weights are reused."""
+    batches = list(batches)
+    sites = ffn_sites_with_weights(model, (batches[0],))
+    layers = [_LayerCalibration(s, 0, 0.0, max_scores, i, existing=predictors.check_fits(s.site.module, s.gate_weight))
+              for i, s in enumerate(sites)]
+    _stream(model, _layers_by_module(layers), [], batches, 0, progress)
+    result = []
+    for layer, site in zip(layers, sites):
+        new = layer.finish(target_recall)
+        new.top_k = predictors[site.site.module].top_k
+        result.append(new)
+    return Predictors(result, {**predictors.meta, "target_recall": target_recall})
+
+
 def _call(model, batch):
     return model(**batch) if isinstance(batch, dict) else model(batch)
 
@@ -169,36 +230,9 @@ def calibrate(model: torch.nn.Module, batches, rank: int = 64, target_recall: fl
         raise InputError("calibrate finds the FFN sites from a positional batch; pass input-id tensors")
     sites = ffn_sites_with_weights(model, (example,))
     layers = [_LayerCalibration(s, rank, lr, max_scores, seed + i) for i, s in enumerate(sites)]
-    by_module = {}
-    for layer in layers:
-        module = layer.w.site.module
-        if module is None:
-            raise InputError("an FFN site has no module path: calibrate hooks the module that holds the FFN")
-        by_module.setdefault(module, []).append(layer)
+    by_module = _layers_by_module(layers)
 
-    mode = {"train": True}
-
-    def hook(module_name):
-        def pre_hook(module, args, kwargs=None):
-            x = args[0] if args else None
-            for layer in by_module[module_name]:
-                if not isinstance(x, torch.Tensor) or x.shape[-1] != layer.w.site.hidden_size:
-                    raise InputError(f"cannot capture the FFN input of module {module_name!r}: its first argument is "
-                                     "not the FFN input; calibrate needs the FFN in a module of its own")
-                layer.step(x) if mode["train"] else layer.observe(x)
-        return pre_hook
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in by_module]
-    try:
-        for epoch in range(epochs):
-            for batch in tqdm(train, desc=f"calibrating predictors (epoch {epoch + 1}/{epochs})", disable=not progress):
-                _call(model, batch)
-        mode["train"] = False
-        for batch in tqdm(heldout, desc="choosing thresholds on held-out batches", disable=not progress):
-            _call(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _stream(model, by_module, train, heldout, epochs, progress)
     predictors = [layer.finish(target_recall) for layer in layers]
     meta = {"rank": rank, "target_recall": target_recall, "epochs": epochs, "layers": len(predictors),
             "train_batches": len(train), "heldout_batches": len(heldout),

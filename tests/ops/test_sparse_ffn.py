@@ -131,3 +131,58 @@ def test_bad_arguments_name_the_problem():
     no_up[3] = None
     with pytest.raises(InputError, match="up_weight"):
         OP(*no_up)
+
+
+def predictor_args(kind="drelu", rows=3, threshold=0.2, top_k=0, gen_seed=5):
+    gen = torch.Generator().manual_seed(gen_seed)
+    args = ffn_args(kind, lead=(rows,), bias=True, gen=gen)
+    hidden, intermediate = args[1].shape[1], args[1].shape[0]
+    args[8] = torch.randn(6, hidden, generator=gen) / hidden**0.5
+    args[9] = torch.randn(intermediate, 6, generator=gen) / 6**0.5
+    args[10] = torch.randn(intermediate, generator=gen) * 0.1
+    args[MODE], args[14], args[15] = "predictor", threshold, top_k
+    return args
+
+
+@pytest.mark.parametrize("kind", ["drelu", "reglu", "relu_mlp"])
+def test_predictor_mode_computes_the_selected_neurons_only(kind):
+    args = predictor_args(kind)
+    x, p_in, p_out, p_b = args[0], args[8], args[9], args[10]
+    scores = torch.relu(x @ p_in.t()) @ p_out.t() + p_b
+    keep = (scores > args[14]).any(0)
+    assert 0 < int(keep.sum()) < keep.numel()
+    expected_args = list(args)
+    expected_args[MODE] = "dense"
+    expected_args[5] = args[5] * keep  # the dropped neurons' down columns are zero
+    torch.testing.assert_close(OP(*args), OP(*expected_args), rtol=1e-5, atol=1e-6)
+
+
+def test_predictor_cap_keeps_the_best_scored_and_all_selected_is_dense():
+    args = predictor_args(top_k=5, threshold=-1e9)
+    x, p_in, p_out, p_b = args[0], args[8], args[9], args[10]
+    best = (torch.relu(x @ p_in.t()) @ p_out.t() + p_b).amax(0)
+    keep = torch.zeros_like(best).index_fill_(0, best.topk(5).indices, 1.0)
+    expected_args = list(args)
+    expected_args[MODE] = "dense"
+    expected_args[5] = args[5] * keep
+    torch.testing.assert_close(OP(*args), OP(*expected_args), rtol=1e-5, atol=1e-6)
+    uncapped = list(args)
+    uncapped[15] = 0
+    dense = list(args)
+    dense[MODE] = "dense"
+    torch.testing.assert_close(OP(*uncapped), OP(*dense), rtol=1e-5, atol=1e-6)
+
+
+def test_predictor_mode_errors():
+    args = predictor_args()
+    missing = list(args)
+    missing[8] = None
+    with pytest.raises(InputError, match="needs predictor_in"):
+        OP(*missing)
+    wrong = list(args)
+    wrong[9] = torch.randn(5, 6)
+    with pytest.raises(InputError, match="another model"):
+        OP(*wrong)
+    grad = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    with pytest.raises(InputError, match="inference-only"):
+        OP(*grad).sum().backward()
