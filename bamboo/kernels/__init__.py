@@ -34,11 +34,14 @@ def max_sparse_rows() -> int:
     return int(os.environ.get("BAMBOO_SPARSE_MAX_ROWS", "2"))
 
 
-def use_sparse_kernel(x2: torch.Tensor, up_act: str, mode: str = "exact") -> bool:
+def sparse_row_limit(mode: str) -> int:
     """Predictor mode reads a fixed share of the FFN whatever the batch, so it pays up to the kernels' 16 rows
     (2.6x dense at 15% of neurons and 16 rows on an H100); exact mode stops at max_sparse_rows()."""
-    limit = 16 if mode == "predictor" else min(max_sparse_rows(), 16)
-    if not (x2.is_cuda and x2.dtype in SPARSE_DTYPES and 0 < x2.shape[0] <= limit):
+    return 16 if mode == "predictor" else min(max_sparse_rows(), 16)
+
+
+def use_sparse_kernel(x2: torch.Tensor, up_act: str, mode: str = "exact") -> bool:
+    if not (x2.is_cuda and x2.dtype in SPARSE_DTYPES and 0 < x2.shape[0] <= sparse_row_limit(mode)):
         return False
     if not triton_available():
         return False

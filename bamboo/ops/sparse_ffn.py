@@ -30,6 +30,9 @@ from bamboo.errors import InputError
 from bamboo.ops import activations
 
 KINDS = ("drelu", "reglu", "relu_mlp")
+# Predictor mode selects neurons for calls of at most this many rows (decode); larger calls (prefill) are
+# computed densely, where the union over rows would select nearly every neuron anyway.
+PREDICTOR_MAX_ROWS = 16
 MODES = ("exact", "dense", "predictor")
 
 
@@ -158,6 +161,9 @@ def reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_wei
         h = gate if kind == "relu_mlp" else gate * activations.apply(up_act, F.linear(x2, up_weight, up_bias))
         y = h @ _down_rows(down_weight, down_weight_nm)
         _record(dense_bytes, dense_bytes)
+    elif mode == "predictor" and x2.shape[0] > PREDICTOR_MAX_ROWS:
+        return reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
+                                    down_bias, kind=kind, mode="dense", up_act=up_act)
     elif mode == "predictor":
         active = predictor_selection(x2, predictor_in, predictor_out, predictor_bias, threshold, top_k)
         gate = torch.relu(F.linear(x2, gate_weight.index_select(0, active),
@@ -268,14 +274,17 @@ sparse_ffn.register_autograd(_backward, setup_context=_setup_context)
 @sparse_ffn.register_kernel("cuda")
 def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias, predictor_in,
       predictor_out, predictor_bias, kind, mode, up_act, threshold, top_k):
-    """Decode-sized exact and predictor calls run the Triton kernels; everything else (prefill, dense mode,
-    fp32, no Triton) runs the reference, whose dense matmuls are cuBLAS."""
+    """Decode-sized exact and predictor calls run the Triton kernels. Prefill-sized calls run the dense FFN
+    (cuBLAS; for exact mode the same values, and no data-dependent shapes, so CUDA-graph capture stays legal);
+    fp32 or no Triton runs the reference."""
     from bamboo import kernels
 
     check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act, predictor_in,
                     predictor_out)
     x2 = x.reshape(-1, x.shape[-1])
     act = "identity" if kind == "relu_mlp" else up_act
+    if mode != "dense" and x2.shape[0] > kernels.sparse_row_limit(mode):
+        mode = "dense"
     if mode == "dense" or not kernels.use_sparse_kernel(x2, act, mode):
         return reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
                                     down_bias, predictor_in, predictor_out, predictor_bias, kind, mode, up_act,

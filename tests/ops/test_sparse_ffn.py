@@ -186,3 +186,12 @@ def test_predictor_mode_errors():
     grad = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
     with pytest.raises(InputError, match="inference-only"):
         OP(*grad).sum().backward()
+
+
+def test_predictor_mode_computes_prefill_sized_calls_densely():
+    from bamboo.ops.sparse_ffn import PREDICTOR_MAX_ROWS
+
+    args = predictor_args(rows=PREDICTOR_MAX_ROWS + 1, threshold=1e9)  # would select nothing
+    dense = list(args)
+    dense[MODE] = "dense"
+    torch.testing.assert_close(OP(*args), OP(*dense), rtol=0, atol=0)
