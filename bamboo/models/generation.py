@@ -88,8 +88,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         full_mask = torch.ones(batch, total, dtype=torch.long, device=device)
         full_mask[:, :prompt_len] = attention_mask
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        slots = torch.arange(total, device=device)  # views of it feed each step: no host-to-device copy
         logits = model(input_ids, attention_mask=full_mask, position_ids=positions[:, :prompt_len],
-                       cache_position=torch.arange(prompt_len, device=device))
+                       cache_position=slots[:prompt_len])
         pick = lambda lg: sample_next_token(lg, do_sample, temperature, top_k, top_p, generator)  # noqa: E731
         tokens = pick(logits[:, -1])
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -105,7 +106,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
                 break
             slot = prompt_len + step
             logits = model(tokens[:, None], attention_mask=full_mask, position_ids=positions[:, slot:slot + 1],
-                           cache_position=torch.tensor([slot], device=device))
+                           cache_position=slots[slot:slot + 1])
             tokens = pick(logits[:, -1])
     finally:
         model.clear_cache()
