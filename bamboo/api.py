@@ -78,6 +78,16 @@ def make_dynamo_backend(backend: str, sparsity: str, report: CompileReport, name
     return bamboo_backend
 
 
+def _raise_recompile_limit(minimum: int = 64) -> None:
+    """Every bamboo.compile of a model class adds cache entries to the same forward code object; past Dynamo's
+    default limit of 8 it silently runs eager (dense). Compiling several variants in one process is normal
+    here (dense, exact, predictor at several thresholds), so allow more."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < minimum:
+            setattr(config, name, minimum)
+
+
 def _surface_bamboo_errors(compiled_fn):
     """Dynamo wraps whatever a backend raises in BackendCompilerFailed with a long trace; a BambooError (wrong
     predictors, a bad argument) is re-raised as itself, so the user reads the problem and the fix."""
@@ -121,6 +131,11 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
     (from bamboo.calibrate, or a saved file); they are checked against the model's weights.
     """
     predictors = _check_sparsity(sparsity, predictors)
+    if backend == "onnxruntime":
+        from bamboo.backends.onnxruntime import OnnxRuntimeModule
+
+        return OnnxRuntimeModule(model, sparsity=sparsity, predictors=predictors, **backend_options)
+    _raise_recompile_limit()
     report = CompileReport()
     dynamo_backend = make_dynamo_backend(backend, sparsity, report, _model_name(model), dump_dir, predictors,
                                          **backend_options)

@@ -1,0 +1,116 @@
+"""The ONNX lowering of bamboo::sparse_ffn, in standard ops (opset 18): MatMul, Relu, Mul, NonZero, Gather,
+TopK, ReduceMax. One emitter serves two callers that share onnxscript's `op.X(...)` builder interface: the
+torch.onnx translation of the op (bamboo.export_onnx) and the rewrite of foreign ONNX graphs
+(bamboo.onnx.optimize). Predictor scores are computed in float32 (ONNX Runtime's CUDA EP has no bf16 TopK)."""
+from __future__ import annotations
+
+import math
+
+FLOAT = 1  # onnx.TensorProto.FLOAT
+
+
+def _int64s(op, values):
+    return op.Constant(value_ints=list(values))
+
+
+def _activation(op, name: str, u):
+    if name == "identity":
+        return u
+    if name == "relu":
+        return op.Relu(u)
+    if name == "silu":
+        return op.Mul(u, op.Sigmoid(u))
+    if name == "sigmoid":
+        return op.Sigmoid(u)
+    if name == "tanh":
+        return op.Tanh(u)
+    if name == "gelu":
+        half, root2 = op.CastLike(op.Constant(value_float=0.5), u), op.CastLike(op.Constant(value_float=math.sqrt(2)), u)
+        one = op.CastLike(op.Constant(value_float=1.0), u)
+        return op.Mul(op.Mul(half, u), op.Add(one, op.Erf(op.Div(u, root2))))
+    if name == "gelu_tanh":
+        c = op.CastLike(op.Constant(value_float=math.sqrt(2 / math.pi)), u)
+        a = op.CastLike(op.Constant(value_float=0.044715), u)
+        half, one = op.CastLike(op.Constant(value_float=0.5), u), op.CastLike(op.Constant(value_float=1.0), u)
+        inner = op.Mul(c, op.Add(u, op.Mul(a, op.Mul(u, op.Mul(u, u)))))
+        return op.Mul(op.Mul(half, u), op.Add(one, op.Tanh(inner)))
+    raise ValueError(f"no ONNX lowering for activation {name!r}")
+
+
+class Weight:
+    """A linear map's weight as the graph holds it: `out_in` ([out, in], rows are neurons) or `in_out`."""
+
+    def __init__(self, value, layout: str, bias=None):
+        self.value, self.layout, self.bias = value, layout, bias
+
+    def apply(self, op, x2, ids=None):
+        """x2 @ W^T (+ b), for all neurons or only those in `ids`."""
+        w, b = self.value, self.bias
+        if ids is not None:
+            w = op.Gather(w, ids, axis=0 if self.layout == "out_in" else 1)
+            b = op.Gather(b, ids, axis=0) if b is not None else None
+        y = op.MatMul(x2, op.Transpose(w, perm=[1, 0]) if self.layout == "out_in" else w)
+        return op.Add(y, b) if b is not None else y
+
+
+def emit_sparse_ffn(op, x, gate: Weight, up: Weight | None, down_rows, down_bias, kind: str, mode: str,
+                    up_act: str, predictor=None, threshold: float = 0.0, top_k: int = 0, max_rows: int = 16):
+    """Emit the FFN; `down_rows` is the down projection as [intermediate, out] (neuron-major), `predictor` is
+    (p_in, p_out, p_bias or None). Returns the output value, shaped like x with the last dim `out`."""
+    x2 = op.Reshape(x, op.Concat(_int64s(op, [-1]), op.Shape(x, start=-1), axis=0))
+    act = "identity" if kind == "relu_mlp" else up_act
+
+    def product(ids):
+        g = op.Relu(gate.apply(op, x2, ids))
+        return g if up is None else op.Mul(g, _activation(op, act, up.apply(op, x2, ids)))
+
+    if mode == "dense":
+        y = op.MatMul(product(None), down_rows)
+    elif mode == "exact":
+        g = op.Relu(gate.apply(op, x2))
+        zero = op.CastLike(op.Constant(value_float=0.0), g)
+        active = op.ReduceMax(op.Cast(op.Greater(g, zero), to=FLOAT), _int64s(op, [0]), keepdims=0)
+        ids = op.Reshape(op.NonZero(active), _int64s(op, [-1]))
+        h = op.Gather(g, ids, axis=1)
+        if up is not None:
+            h = op.Mul(h, _activation(op, act, up.apply(op, x2, ids)))
+        y = op.MatMul(h, op.Gather(down_rows, ids, axis=0))
+    elif mode == "predictor":
+        p_in, p_out, p_bias = predictor
+        xf = op.Cast(x2, to=FLOAT)
+        scores = op.MatMul(op.Relu(op.MatMul(xf, op.Transpose(op.Cast(p_in, to=FLOAT), perm=[1, 0]))),
+                           op.Transpose(op.Cast(p_out, to=FLOAT), perm=[1, 0]))
+        if p_bias is not None:
+            scores = op.Add(scores, op.Cast(p_bias, to=FLOAT))
+        best = op.ReduceMax(scores, _int64s(op, [0]), keepdims=0)
+        # Calls with more than max_rows rows (prefill) compute every neuron, as the op does.
+        rows = op.Shape(x2, start=0, end=1)
+        prefill = op.Greater(rows, _int64s(op, [max_rows]))
+        thr = op.Where(prefill, op.Constant(value_floats=[-math.inf]), op.Constant(value_floats=[float(threshold)]))
+        neurons = op.Shape(best)
+        if top_k and top_k > 0:
+            k = op.Where(prefill, neurons, op.Min(_int64s(op, [int(top_k)]), neurons))
+            _, order = op.TopK(best, k, axis=0, largest=1, sorted=1)
+            keep = op.Reshape(op.NonZero(op.Greater(op.Gather(best, order, axis=0), thr)), _int64s(op, [-1]))
+            ids = op.Gather(order, keep, axis=0)
+        else:
+            ids = op.Reshape(op.NonZero(op.Greater(best, thr)), _int64s(op, [-1]))
+        y = op.MatMul(product(ids), op.Gather(down_rows, ids, axis=0))
+    else:
+        raise ValueError(f"no ONNX lowering for mode {mode!r}")
+    if down_bias is not None:
+        y = op.Add(y, down_bias)
+    out_shape = op.Concat(op.Shape(x, end=-1), op.Shape(down_rows, start=1), axis=0)
+    return op.Reshape(y, out_shape)
+
+
+def sparse_ffn_translation(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias,
+                           predictor_in, predictor_out, predictor_bias, kind, mode, up_act, threshold, top_k):
+    """torch.onnx custom_translation_table entry for bamboo::sparse_ffn (traced with onnxscript's opset18)."""
+    from onnxscript import opset18 as op
+
+    down_rows = down_weight_nm if down_weight_nm is not None else op.Transpose(down_weight, perm=[1, 0])
+    predictor = (predictor_in, predictor_out, predictor_bias) if mode == "predictor" else None
+    up = Weight(up_weight, "out_in", up_bias) if up_weight is not None else None
+    return emit_sparse_ffn(op, x, Weight(gate_weight, "out_in", gate_bias), up, down_rows, down_bias, kind, mode,
+                           up_act, predictor, threshold, top_k)
