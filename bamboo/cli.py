@@ -68,6 +68,41 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def _example_ids(batch: int, seq: int):
+    import torch
+
+    return torch.randint(3, 100, (batch, seq))
+
+
+def _cmd_export_onnx(args) -> int:
+    import bamboo
+
+    model = _load_model(args.model)
+    if args.decode_step:
+        from bamboo.models.decode_step import BambooDecodeStep
+
+        step = BambooDecodeStep(model)
+        import torch
+
+        cache = step.empty_cache(2, args.max_seq_len)
+        examples = (_example_ids(2, 3), torch.ones(2, args.max_seq_len, dtype=torch.long),
+                    torch.arange(3)[None].expand(2, 3).contiguous(), torch.arange(3), *cache)
+        target = step
+    else:
+        examples, target = (_example_ids(2, 8),), model
+    path = bamboo.export_onnx(target, examples, args.out, sparsity=args.sparsity, predictors=args.predictors)
+    print(f"wrote {path} ({args.sparsity}{', decode step with KV cache' if args.decode_step else ''})")
+    return 0
+
+
+def _cmd_onnx_optimize(args) -> int:
+    from bamboo.onnx import optimize
+
+    report = optimize(args.input, args.output, mode=args.mode)
+    print(f"{args.input} -> {args.output}: {report['rewritten']} FFN(s) rewritten {report['rules']}")
+    return 0
+
+
 def main(argv=None) -> int:
     from bamboo import __version__
     from bamboo.errors import BambooError
@@ -100,6 +135,21 @@ def main(argv=None) -> int:
     cal.add_argument("--seq-len", type=int, default=256)
     cal.add_argument("--seed", type=int, default=0)
     cal.set_defaults(func=_cmd_calibrate)
+
+    exp = sub.add_parser("export-onnx", help="export a model to ONNX with the sparse FFN in standard ops")
+    exp.add_argument("--model", default="austen-small", help="checkpoint directory or bundled model name")
+    exp.add_argument("--out", default="model.onnx")
+    exp.add_argument("--sparsity", default="exact", choices=["exact", "predictor", "dense"])
+    exp.add_argument("--predictors", default=None, help="predictor file (for --sparsity predictor)")
+    exp.add_argument("--decode-step", action="store_true", help="export the cached step (KV cache in and out)")
+    exp.add_argument("--max-seq-len", type=int, default=256, help="KV cache length of the decode step")
+    exp.set_defaults(func=_cmd_export_onnx)
+
+    opt = sub.add_parser("onnx-optimize", help="rewrite the dReLU/ReGLU FFNs of any ONNX model into the sparse form")
+    opt.add_argument("input")
+    opt.add_argument("output")
+    opt.add_argument("--mode", default="exact", choices=["exact", "dense"])
+    opt.set_defaults(func=_cmd_onnx_optimize)
 
     args = parser.parse_args(argv)
     try:

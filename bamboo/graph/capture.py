@@ -54,13 +54,20 @@ def export_program(model: torch.nn.Module, example_inputs, example_kwargs: Optio
 
 
 def _by_signature(model, arg_spec, kwarg_spec):
-    """dynamic_shapes as torch.export takes them: a tuple for positional args, or a dict by parameter name."""
-    if not kwarg_spec:
-        return tuple(arg_spec)
+    """dynamic_shapes shaped like forward's signature, as torch.export wants: one entry per positional
+    parameter, the trailing ones grouped into a tuple for *args, or a dict by name when kwargs are given."""
     import inspect
 
-    names = list(inspect.signature(model.forward).parameters)
-    return {**dict(zip(names, arg_spec)), **kwarg_spec}
+    params = list(inspect.signature(model.forward).parameters.values())
+    fixed = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+    specs = list(arg_spec)
+    if varargs and len(specs) > len(fixed):
+        specs = specs[:len(fixed)] + [tuple(specs[len(fixed):])]
+    if not kwarg_spec:
+        return tuple(specs)
+    names = [p.name for p in fixed] + ([next(p.name for p in params if p.kind is p.VAR_POSITIONAL)] if varargs else [])
+    return {**dict(zip(names, specs)), **kwarg_spec}
 
 
 DynamoCompiler = Callable[[fx.GraphModule, list], Callable]

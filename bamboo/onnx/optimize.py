@@ -2,9 +2,10 @@
 torch.onnx.export) into the sparse form, with onnxscript's rewriter: one rule per FFN spelling, each a
 pattern, a check that says why it refused, and a rewrite that emits the same subgraph as bamboo's own export.
 
-Patterns (weights are initializers stored [in, out], as exporters write MatMul weights):
-    drelu  MatMul(Mul(Relu(MatMul(x, Wg)), Relu(MatMul(x, Wu))), Wd)
-    reglu  MatMul(Mul(Relu(MatMul(x, Wg)), MatMul(x, Wu)), Wd)
+Patterns (weights are initializers; exporters write MatMul with [in, out] weights for 3-D inputs and
+Gemm(transB=1) with [out, in] weights for 2-D inputs):
+    drelu  MatMul(Mul(Relu(MatMul(x, Wg)), Relu(MatMul(x, Wu))), Wd)       and the Gemm spelling
+    reglu  MatMul(Mul(Relu(MatMul(x, Wg)), MatMul(x, Wu)), Wd)             and the Gemm spelling
 The Mul is matched in either operand order. A SwiGLU (Sigmoid/Mul instead of Relu) does not match.
 """
 from __future__ import annotations
@@ -23,32 +24,48 @@ def _rules(mode: str):
     rewriter = require("onnxscript.rewriter", "onnx", "bamboo.onnx.optimize")
     from onnxscript.rewriter import pattern as orp
 
-    def check(context, x, wg, wu, wd, **_):
-        result = orp.MatchResult()
-        for name, w in (("gate", wg), ("up", wu), ("down", wd)):
-            if not _is_constant(w):
-                return result.fail(f"the {name} weight is not an initializer: its rows cannot be gathered")
-            if w.shape is None or len(w.shape) != 2:
-                return result.fail(f"the {name} weight is not 2-D")
-        if wg.shape != wu.shape or wg.shape[1] != wd.shape[0]:
-            return result.fail("gate, up and down weight shapes do not form one FFN")
-        return result
+    def checker(layout):
+        def check(context, x, wg, wu, wd, **_):
+            result = orp.MatchResult()
+            for name, w in (("gate", wg), ("up", wu), ("down", wd)):
+                if not _is_constant(w):
+                    return result.fail(f"the {name} weight is not an initializer: its rows cannot be gathered")
+                if w.shape is None or len(w.shape) != 2:
+                    return result.fail(f"the {name} weight is not 2-D")
+            neurons = wg.shape[1] if layout == "in_out" else wg.shape[0]
+            down_in = wd.shape[0] if layout == "in_out" else wd.shape[1]
+            if wg.shape != wu.shape or neurons != down_in:
+                return result.fail("gate, up and down weight shapes do not form one FFN")
+            return result
+        return check
 
-    def drelu_pattern(op, x, wg, wu, wd):
-        return op.MatMul(op.Mul(op.Relu(op.MatMul(x, wg)), op.Relu(op.MatMul(x, wu))), wd)
+    def linear(op, x, w, layout):
+        return op.MatMul(x, w) if layout == "in_out" else op.Gemm(x, w, transB=1)
 
-    def reglu_pattern(op, x, wg, wu, wd):
-        return op.MatMul(op.Mul(op.Relu(op.MatMul(x, wg)), op.MatMul(x, wu)), wd)
+    def drelu_pattern(layout):
+        def pattern(op, x, wg, wu, wd):
+            return linear(op, op.Mul(op.Relu(linear(op, x, wg, layout)), op.Relu(linear(op, x, wu, layout))), wd, layout)
+        return pattern
 
-    def rewrite(kind, up_act):
+    def reglu_pattern(layout):
+        def pattern(op, x, wg, wu, wd):
+            return linear(op, op.Mul(op.Relu(linear(op, x, wg, layout)), linear(op, x, wu, layout)), wd, layout)
+        return pattern
+
+    def rewrite(kind, up_act, layout):
         def build(op, x, wg, wu, wd, **_):
-            return emit_sparse_ffn(op, x, Weight(wg, "in_out"), Weight(wu, "in_out"), wd, None, kind, mode, up_act)
+            down_rows = wd if layout == "in_out" else op.Transpose(wd, perm=[1, 0])
+            return emit_sparse_ffn(op, x, Weight(wg, layout), Weight(wu, layout), down_rows, None, kind, mode, up_act)
         return build
 
-    rules = [
-        orp.RewriteRule(drelu_pattern, rewrite("drelu", "relu"), check, name="SparseDReluFFN"),
-        orp.RewriteRule(reglu_pattern, rewrite("reglu", "identity"), check, name="SparseReGLUFFN"),
-    ]
+    rules = []
+    for layout in ("in_out", "out_in"):
+        rules += [
+            orp.RewriteRule(drelu_pattern(layout), rewrite("drelu", "relu", layout), checker(layout),
+                            name="SparseDReluFFN"),
+            orp.RewriteRule(reglu_pattern(layout), rewrite("reglu", "identity", layout), checker(layout),
+                            name="SparseReGLUFFN"),
+        ]
     return rewriter, [r for rule in rules for r in rule.commute()]
 
 

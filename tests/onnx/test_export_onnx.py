@@ -1,0 +1,114 @@
+"""ONNX export and the ONNX Runtime backend, on the CPU EP."""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
+ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+import onnx  # noqa: E402
+
+import bamboo  # noqa: E402
+from bamboo.backends.onnxruntime import OnnxRuntimeModule  # noqa: E402
+from bamboo.calibrate.predictors import LayerPredictor, Predictors, fingerprint  # noqa: E402
+from bamboo.errors import CompileError, InputError  # noqa: E402
+from bamboo.models import BambooConfig, BambooForCausalLM  # noqa: E402
+from bamboo.models.decode_step import BambooDecodeStep, greedy_generate_with_step  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = BambooConfig.named("tiny", num_hidden_layers=2, vocab_size=512, initializer_range=0.2)
+    return BambooForCausalLM.from_config(config, seed=7).eval()
+
+
+def random_predictors(model, threshold, top_k=0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for i, layer in enumerate(model.model.layers):
+        gate = layer.mlp.gate_proj.weight
+        layers.append(LayerPredictor(f"model.layers.{i}.mlp", torch.randn(8, 128, generator=gen) / 128**0.5,
+                                     torch.randn(448, 8, generator=gen) / 8**0.5, torch.zeros(448), threshold,
+                                     fingerprint(gate), top_k))
+    return Predictors(layers)
+
+
+def op_types(path):
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def run(session, *inputs):
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
+
+
+@pytest.mark.parametrize("sparsity", ["exact", "predictor", "dense"])
+def test_onnx_runtime_equals_pytorch_at_several_lengths_through_one_file(model, tmp_path, sparsity):
+    predictors = random_predictors(model, threshold=0.3, top_k=100) if sparsity == "predictor" else None
+    path = bamboo.export_onnx(model, (torch.randint(0, 512, (2, 8)),), tmp_path / "m.onnx", sparsity=sparsity,
+                              predictors=predictors)
+    ops = op_types(path)
+    assert {"exact": {"NonZero", "Gather"}, "predictor": {"TopK", "NonZero", "Gather"}, "dense": set()}[sparsity] <= ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference = bamboo.compile(model, sparsity=sparsity, predictors=predictors)
+    for batch, seq in [(2, 8), (1, 1), (3, 5), (1, 20)]:
+        ids = torch.randint(0, 512, (batch, seq))
+        with torch.no_grad():
+            expected = reference(ids)
+        (out,) = run(session, ids)
+        assert out.shape == tuple(expected.shape)
+        torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_step_with_kv_cache_reproduces_generated_tokens(model, tmp_path):
+    step = BambooDecodeStep(model)
+    cache = step.empty_cache(2, 24)
+    examples = (torch.randint(0, 512, (2, 3)), torch.ones(2, 24, dtype=torch.long),
+                torch.arange(3)[None].expand(2, 3).contiguous(), torch.arange(3), *cache)
+    onnx_step = OnnxRuntimeModule(step, sparsity="exact", path=tmp_path / "step.onnx", example_inputs=examples)
+    names = [i.name for i in onnx_step.session.get_inputs()]
+    assert len(names) == 4 + 4 and len(onnx_step.session.get_outputs()) == 1 + 4
+    prompt = torch.randint(0, 512, (2, 6))
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=10, eos_token_id=None)
+    assert torch.equal(greedy_generate_with_step(onnx_step, prompt, 10, cache), expected)
+
+
+def test_onnxruntime_backend_has_the_model_call_signature(model):
+    compiled = bamboo.compile(model, backend="onnxruntime")
+    ids = torch.randint(0, 512, (1, 6))  # size-1 batch: the export widens the example so the dim stays dynamic
+    with torch.no_grad():
+        expected = model(ids)
+    torch.testing.assert_close(compiled(ids), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled(torch.cat([ids, ids])), torch.cat([expected, expected]), rtol=1e-4, atol=1e-4)
+    assert compiled.providers == ["CPUExecutionProvider"]
+
+
+def test_unavailable_provider_and_bad_arguments(model, tmp_path):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(InputError, match="not available here.*onnxruntime-gpu"):
+            bamboo.compile(model, backend="onnxruntime", providers=["CUDAExecutionProvider"])(torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(CompileError, match="opset >= 18"):
+        bamboo.export_onnx(model, (torch.ones(2, 3, dtype=torch.long),), tmp_path / "m.onnx", opset=17)
+    with pytest.raises(InputError, match="needs predictors"):
+        bamboo.export_onnx(model, (torch.ones(2, 3, dtype=torch.long),), tmp_path / "m.onnx", sparsity="predictor")
+
+
+def test_external_data_file(model, tmp_path):
+    path = bamboo.export_onnx(model, (torch.randint(0, 512, (2, 4)),), tmp_path / "m.onnx", external_data=True)
+    assert any(p.suffix == ".data" or p.name.endswith(".onnx.data") for p in tmp_path.iterdir())
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 512, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(run(session, ids)[0]), model(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_predictor_with_every_neuron_is_dense_in_onnx(model, tmp_path):
+    path = bamboo.export_onnx(model, (torch.randint(0, 512, (2, 4)),), tmp_path / "m.onnx", sparsity="predictor",
+                              predictors=random_predictors(model, threshold=-math.inf))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 512, (1, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(run(session, ids)[0]), model(ids), rtol=1e-4, atol=1e-4)
