@@ -11,8 +11,12 @@ import torch.fx as fx
 
 from bamboo.backends import get_backend
 from bamboo.errors import CompileError, InputError
-from bamboo.graph.capture import (copy_graph_module, export_program, normalize_example_inputs,
-                                  placeholder_constants)
+from bamboo.graph.capture import (
+    copy_graph_module,
+    export_program,
+    normalize_example_inputs,
+    placeholder_constants,
+)
 from bamboo.graph.site_table import SiteTable, describe_rejections
 from bamboo.passes import PassManager, default_passes, detect_ffn_sites
 

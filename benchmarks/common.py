@@ -53,7 +53,7 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     n = int(gib * 2**30) // 4
     a, b = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
     ms = time_cuda_graph(lambda: b.copy_(a), reps=20)
-    del a, b
+
     return 2 * n * 4 / (ms / 1e3)
 
 
@@ -62,7 +62,7 @@ def read_bandwidth(gib: float = 2.0) -> float:
     n = int(gib * 2**30) // 2
     a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     ms = time_cuda_graph(lambda: torch.sum(a, dtype=torch.float32), reps=20)
-    del a
+
     return n * 2 / (ms / 1e3)
 
 

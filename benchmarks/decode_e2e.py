@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bamboo  # noqa: E402
-from benchmarks.common import device_facts, print_table, read_bandwidth, write_json  # noqa: E402
 from bamboo.calibrate.predictors import LayerPredictor, Predictors, fingerprint  # noqa: E402
 from bamboo.models import BambooConfig, BambooForCausalLM  # noqa: E402
+from benchmarks.common import device_facts, print_table, read_bandwidth, write_json  # noqa: E402
 
 
 def forced_k_predictors(model, fraction, rank=256):

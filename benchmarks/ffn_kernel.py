@@ -22,10 +22,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import (copy_bandwidth, device_facts, print_table, read_bandwidth, time_cuda_graph,  # noqa: E402
-                               write_json)
 from bamboo.kernels import predicted_sparse_ffn  # noqa: E402
 from bamboo.kernels.sparse_ffn_triton import triton_sparse_ffn  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    copy_bandwidth,
+    device_facts,
+    print_table,
+    read_bandwidth,
+    time_cuda_graph,
+    write_json,
+)
 
 HIDDEN, INTERMEDIATE, RANK = 4096, 14336, 256
 

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bamboo  # noqa: E402
-from benchmarks.common import device_facts, print_table, write_json  # noqa: E402
 from bamboo.calibrate import calibrate, set_thresholds  # noqa: E402
 from bamboo.calibrate.corpus import load_processed, random_batches, sequential_batches  # noqa: E402
 from bamboo.models import BambooForCausalLM, pretrained_path  # noqa: E402
 from bamboo.models.modeling import BambooMLP  # noqa: E402
+from benchmarks.common import device_facts, print_table, write_json  # noqa: E402
 
 
 def perplexity(model, windows) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -126,7 +126,3 @@ class Predictors(dict):
         mean = lambda key: sum(s.get(key, 0.0) for s in stats) / max(len(stats), 1)  # noqa: E731
         return {"recall": mean("recall"), "precision": mean("precision"), "density": mean("density"),
                 "true_density": mean("true_density")}
-
-
-def as_dict(p: LayerPredictor) -> dict:
-    return {k: v for k, v in asdict(p).items() if not isinstance(v, torch.Tensor)}

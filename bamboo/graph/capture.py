@@ -2,7 +2,7 @@
 backend that receives the captured graph)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -70,7 +70,6 @@ def _by_signature(model, arg_spec, kwarg_spec):
     return {**dict(zip(names, specs)), **kwarg_spec}
 
 
-DynamoCompiler = Callable[[fx.GraphModule, list], Callable]
 
 
 def placeholder_constants(gm: fx.GraphModule, example_inputs: list) -> dict[str, torch.Tensor]:
@@ -91,9 +90,3 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
     return fx.GraphModule(gm, graph)
-
-
-def is_fake(value: Any) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(value, FakeTensor)

@@ -7,6 +7,7 @@ from bamboo.models.modeling import (
     BambooModel,
 )
 
+
 def pretrained_path(name: str = "austen-small"):
     """Directory of a checkpoint that ships with bamboo (the small dReLU model it trains itself)."""
     from pathlib import Path

@@ -6,7 +6,6 @@ The FFN is written as Bamboo's own BambooMLP: the compiler must find it, nothing
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -334,9 +333,3 @@ class BambooForSequenceClassification(BambooPreTrainedModel):
         last = self.last_token_index(input_ids, attention_mask)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.score(pooled).float()
-
-
-@contextlib.contextmanager
-def meta_init():
-    with torch.device("meta"):
-        yield

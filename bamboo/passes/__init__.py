@@ -1,6 +1,11 @@
 """Compiler passes, one per file, and the pass manager that runs them in order."""
 from bamboo.passes.attach_predictors import AttachPredictors
-from bamboo.passes.detect_ffn_sites import DetectionReport, FFNSite, Rejection, detect_ffn_sites
+from bamboo.passes.detect_ffn_sites import (
+    DetectionReport,
+    FFNSite,
+    Rejection,
+    detect_ffn_sites,
+)
 from bamboo.passes.infra import GraphPass, PassManager, PassResult, check_graph
 from bamboo.passes.rewrite_to_sparse_ffn import RewriteToSparseFFN
 from bamboo.passes.store_down_proj_neuron_major import StoreDownProjNeuronMajor

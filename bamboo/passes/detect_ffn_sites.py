@@ -20,7 +20,13 @@ import torch.fx as fx
 
 from bamboo.graph.inspect_graph import common_module_path
 from bamboo.graph.linear_match import LinearMatch, match_linear
-from bamboo.graph.node_ops import NON_SPARSE_ACTIVATIONS, arg, meta_value, op_name, relu_input
+from bamboo.graph.node_ops import (
+    NON_SPARSE_ACTIVATIONS,
+    arg,
+    meta_value,
+    op_name,
+    relu_input,
+)
 
 # f(up x) spellings the fused op can compute, by canonical op name.
 UP_ACTIVATIONS = {"relu": "relu", "silu": "silu", "sigmoid": "sigmoid", "tanh": "tanh", "gelu": "gelu"}

@@ -5,7 +5,11 @@ import torch
 from safetensors.torch import save_file
 
 from bamboo.errors import CheckpointError
-from bamboo.models import BambooConfig, BambooForCausalLM, BambooForSequenceClassification
+from bamboo.models import (
+    BambooConfig,
+    BambooForCausalLM,
+    BambooForSequenceClassification,
+)
 
 
 def small_model(**overrides):

@@ -2,7 +2,12 @@ import pytest
 import torch
 
 from bamboo.errors import InputError
-from bamboo.models import BambooConfig, BambooForCausalLM, BambooForSequenceClassification, BambooModel
+from bamboo.models import (
+    BambooConfig,
+    BambooForCausalLM,
+    BambooForSequenceClassification,
+    BambooModel,
+)
 
 
 def small_config(**overrides):

@@ -7,8 +7,8 @@ ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed
 import onnx  # noqa: E402
 
 import bamboo  # noqa: E402
-from bamboo.onnx import optimize  # noqa: E402
 from bamboo.models import BambooConfig, BambooForCausalLM  # noqa: E402
+from bamboo.onnx import optimize  # noqa: E402
 from tests.ffn_zoo import ZooFFN  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -7,8 +7,16 @@ import torch
 
 from bamboo.graph.capture import export_program
 from bamboo.passes import detect_ffn_sites
-from tests.ffn_zoo import (EXPECTED_KIND, EXPECTED_REASON, KINDS, LINEAR_SPELLINGS, NEGATIVES, RELU_SPELLINGS,
-                           TinyMoE, ZooFFN)
+from tests.ffn_zoo import (
+    EXPECTED_KIND,
+    EXPECTED_REASON,
+    KINDS,
+    LINEAR_SPELLINGS,
+    NEGATIVES,
+    RELU_SPELLINGS,
+    TinyMoE,
+    ZooFFN,
+)
 
 
 def exported_sites(module, x):
