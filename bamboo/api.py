@@ -139,6 +139,10 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
         from bamboo.backends.onnxruntime import OnnxRuntimeModule
 
         return OnnxRuntimeModule(model, sparsity=sparsity, predictors=predictors, **backend_options)
+    if backend == "tensorrt":
+        from bamboo.backends.tensorrt import TensorRTModule
+
+        return TensorRTModule(model, sparsity=sparsity, predictors=predictors, **backend_options)
     _raise_recompile_limit()
     report = CompileReport()
     dynamo_backend = make_dynamo_backend(backend, sparsity, report, _model_name(model), dump_dir, predictors,

@@ -95,6 +95,25 @@ def _cmd_export_onnx(args) -> int:
     return 0
 
 
+def _cmd_export_tensorrt(args) -> int:
+    from bamboo.errors import MissingDependencyError
+    from bamboo.onnx.tensorrt_profile import build_tensorrt_engine, export_tensorrt_onnx
+
+    model = _load_model(args.model)
+    path = export_tensorrt_onnx(model, (_example_ids(2, 8),), args.out, sparsity=args.sparsity,
+                                predictors=args.predictors, max_batch=args.max_batch, max_seq=args.max_seq_len)
+    print(f"wrote {path}: ONNX in bamboo's TensorRT profile (checked; optimization profiles in its metadata)")
+    if args.engine:
+        try:
+            engine = build_tensorrt_engine(path, args.engine, fp16=args.fp16)
+        except MissingDependencyError as exc:
+            print(f"no engine built: {exc}\nbuild it where TensorRT is installed: "
+                  f"bamboo export-tensorrt ... --engine {args.engine} (or trtexec --onnx={path})")
+            return 0
+        print(f"wrote {engine}: TensorRT engine")
+    return 0
+
+
 def _cmd_onnx_optimize(args) -> int:
     from bamboo.onnx import optimize
 
@@ -144,6 +163,17 @@ def main(argv=None) -> int:
     exp.add_argument("--decode-step", action="store_true", help="export the cached step (KV cache in and out)")
     exp.add_argument("--max-seq-len", type=int, default=256, help="KV cache length of the decode step")
     exp.set_defaults(func=_cmd_export_onnx)
+
+    trt = sub.add_parser("export-tensorrt", help="export ONNX in the TensorRT profile and build an engine")
+    trt.add_argument("--model", default="austen-small", help="checkpoint directory or bundled model name")
+    trt.add_argument("--out", default="model.trt.onnx")
+    trt.add_argument("--engine", default=None, help="also build a TensorRT engine here (needs tensorrt and a GPU)")
+    trt.add_argument("--sparsity", default="exact", choices=["exact", "predictor", "dense"])
+    trt.add_argument("--predictors", default=None)
+    trt.add_argument("--fp16", action="store_true")
+    trt.add_argument("--max-batch", type=int, default=16)
+    trt.add_argument("--max-seq-len", type=int, default=2048)
+    trt.set_defaults(func=_cmd_export_tensorrt)
 
     opt = sub.add_parser("onnx-optimize", help="rewrite the dReLU/ReGLU FFNs of any ONNX model into the sparse form")
     opt.add_argument("input")

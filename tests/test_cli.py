@@ -45,3 +45,16 @@ def test_calibrate_command_writes_a_predictor_file(capsys, tmp_path):
                  "--rank", "8", "--out", str(out), "--json", str(tmp_path / "p.json")]) == 0
     assert "model.layers.5.mlp" in capsys.readouterr().out
     assert len(Predictors.load(out)) == 6 and (tmp_path / "p.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_export_commands(capsys, tmp_path):
+    pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
+    from bamboo.onnx.tensorrt_profile import check_tensorrt_profile
+
+    assert main(["export-onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert main(["onnx-optimize", str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx")]) == 0
+    assert "0 FFN(s) rewritten" in capsys.readouterr().out  # bamboo's own export is already sparse
+    assert main(["export-tensorrt", "--out", str(tmp_path / "t.onnx"), "--engine", str(tmp_path / "t.engine")]) == 0
+    out = capsys.readouterr().out
+    assert "TensorRT profile" in out and check_tensorrt_profile(tmp_path / "t.onnx") == []

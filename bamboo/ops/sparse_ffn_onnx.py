@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 FLOAT = 1  # onnx.TensorProto.FLOAT
+TENSORRT_MAX_TOPK = 3840  # TensorRT's TopK takes a static k up to this
 
 
 def _int64s(op, values):
@@ -54,9 +55,15 @@ class Weight:
 
 
 def emit_sparse_ffn(op, x, gate: Weight, up: Weight | None, down_rows, down_bias, kind: str, mode: str,
-                    up_act: str, predictor=None, threshold: float = 0.0, top_k: int = 0, max_rows: int = 16):
+                    up_act: str, predictor=None, threshold: float = 0.0, top_k: int = 0, max_rows: int = 16,
+                    static_shapes: bool = False):
     """Emit the FFN; `down_rows` is the down projection as [intermediate, out] (neuron-major), `predictor` is
-    (p_in, p_out, p_bias or None). Returns the output value, shaped like x with the last dim `out`."""
+    (p_in, p_out, p_bias or None). Returns the output value, shaped like x with the last dim `out`.
+
+    static_shapes=True is the TensorRT profile: no data-dependent shapes (no NonZero). Exact mode is lowered
+    densely (lossless); predictor mode takes a static TopK of `top_k` neurons (k <= 3840) and zeroes those
+    under the threshold; without a cap it computes every neuron and masks by the threshold.
+    """
     x2 = op.Reshape(x, op.Concat(_int64s(op, [-1]), op.Shape(x, start=-1), axis=0))
     act = "identity" if kind == "relu_mlp" else up_act
 
@@ -64,7 +71,11 @@ def emit_sparse_ffn(op, x, gate: Weight, up: Weight | None, down_rows, down_bias
         g = op.Relu(gate.apply(op, x2, ids))
         return g if up is None else op.Mul(g, _activation(op, act, up.apply(op, x2, ids)))
 
-    if mode == "dense":
+    if static_shapes and mode == "exact":
+        mode = "dense"
+    if static_shapes and mode == "predictor":
+        y = _static_predictor(op, x2, product, down_rows, predictor, threshold, top_k, max_rows)
+    elif mode == "dense":
         y = op.MatMul(product(None), down_rows)
     elif mode == "exact":
         g = op.Relu(gate.apply(op, x2))
@@ -104,8 +115,40 @@ def emit_sparse_ffn(op, x, gate: Weight, up: Weight | None, down_rows, down_bias
     return op.Reshape(y, out_shape)
 
 
+def _static_predictor(op, x2, product, down_rows, predictor, threshold, top_k, max_rows):
+    p_in, p_out, p_bias = predictor
+    xf = op.Cast(x2, to=FLOAT)
+    scores = op.MatMul(op.Relu(op.MatMul(xf, op.Transpose(op.Cast(p_in, to=FLOAT), perm=[1, 0]))),
+                       op.Transpose(op.Cast(p_out, to=FLOAT), perm=[1, 0]))
+    if p_bias is not None:
+        scores = op.Add(scores, op.Cast(p_bias, to=FLOAT))
+    best = op.ReduceMax(scores, _int64s(op, [0]), keepdims=0)
+    thr = op.Constant(value_floats=[float(threshold) if math.isfinite(threshold) else -3.0e38])
+    dense = op.MatMul(product(None), down_rows)
+    if not top_k or top_k <= 0 or top_k > TENSORRT_MAX_TOPK:
+        keep = op.CastLike(op.Cast(op.Greater(best, thr), to=FLOAT), down_rows)
+        sparse = op.MatMul(op.Mul(product(None), keep), down_rows)
+    else:
+        values, order = op.TopK(best, _int64s(op, [int(top_k)]), axis=0, largest=1, sorted=1)
+        keep = op.CastLike(op.Cast(op.Greater(values, thr), to=FLOAT), down_rows)
+        sparse = op.MatMul(op.Mul(product(order), keep), op.Gather(down_rows, order, axis=0))
+    # prefill-sized calls compute every neuron, as the op does (both branches run: shapes stay static)
+    prefill = op.Greater(op.Shape(x2, start=0, end=1), _int64s(op, [max_rows]))
+    return op.Where(prefill, dense, sparse)
+
+
+def sparse_ffn_translation_static(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
+                                  down_bias, predictor_in, predictor_out, predictor_bias, kind, mode, up_act,
+                                  threshold, top_k):
+    """The TensorRT-profile translation: static shapes only (see emit_sparse_ffn)."""
+    return sparse_ffn_translation(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
+                                  down_bias, predictor_in, predictor_out, predictor_bias, kind, mode, up_act,
+                                  threshold, top_k, static_shapes=True)
+
+
 def sparse_ffn_translation(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias,
-                           predictor_in, predictor_out, predictor_bias, kind, mode, up_act, threshold, top_k):
+                           predictor_in, predictor_out, predictor_bias, kind, mode, up_act, threshold, top_k,
+                           static_shapes: bool = False):
     """torch.onnx custom_translation_table entry for bamboo::sparse_ffn (traced with onnxscript's opset18)."""
     from onnxscript import opset18 as op
 
@@ -113,4 +156,4 @@ def sparse_ffn_translation(x, gate_weight, gate_bias, up_weight, up_bias, down_w
     predictor = (predictor_in, predictor_out, predictor_bias) if mode == "predictor" else None
     up = Weight(up_weight, "out_in", up_bias) if up_weight is not None else None
     return emit_sparse_ffn(op, x, Weight(gate_weight, "out_in", gate_bias), up, down_rows, down_bias, kind, mode,
-                           up_act, predictor, threshold, top_k)
+                           up_act, predictor, threshold, top_k, static_shapes=static_shapes)
