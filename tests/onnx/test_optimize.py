@@ -59,3 +59,11 @@ def test_graphs_that_must_not_change_are_left_untouched(tmp_path, kind):
     report = optimize(path, tmp_path / "s.onnx")
     assert report["rewritten"] == 0
     assert [n.op_type for n in onnx.load(str(tmp_path / "s.onnx")).graph.node] == before
+
+
+def test_optimize_stays_callable_after_use(tmp_path):
+    import bamboo.onnx
+
+    module = ZooFFN("drelu", "F.relu", "nn.Linear")
+    optimize(plain_export(module, torch.randn(3, 16), tmp_path / "p.onnx"), tmp_path / "s.onnx")
+    assert callable(bamboo.onnx.optimize) and callable(bamboo.calibrate)  # no submodule shadows the functions
