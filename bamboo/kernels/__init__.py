@@ -61,7 +61,7 @@ def require_triton():
 
 def predicted_sparse_ffn(x, gate_weight, up_weight, down_rows, predictor_in, predictor_out, k: int | None = None,
                          threshold: float | None = None, up_act: str = "relu", gate_bias=None, up_bias=None,
-                         down_bias=None, **blocks):
+                         down_bias=None, predictor_bias=None, **blocks):
     """Predictor mode (Deja Vu / PowerInfer): a low-rank predictor relu(x P_in^T) P_out^T scores every neuron;
     only the selected neurons' gate, up and down rows are read. No host synchronisation either way.
 
@@ -74,14 +74,15 @@ def predicted_sparse_ffn(x, gate_weight, up_weight, down_rows, predictor_in, pre
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if threshold is not None:
-        ids, count = kernels.select_by_predictor(x2, predictor_in, predictor_out, threshold,
+        ids, count = kernels.select_by_predictor(x2, predictor_in, predictor_out, threshold, bias=predictor_bias,
                                                  gate_block=blocks.get("gate_block") or 64,
                                                  num_warps=blocks.get("num_warps", 4))
         y = kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
                                       neuron_ids=ids, neuron_count=count, cap=k, **blocks)
     elif k is not None:
-        hidden = torch.relu(x2.to(predictor_in.dtype) @ predictor_in.t())
-        scores = (hidden @ predictor_out.t()).float()
+        from bamboo.ops.sparse_ffn import predictor_scores
+
+        scores = predictor_scores(x2, predictor_in, predictor_out, predictor_bias)
         ids = scores.amax(0).topk(k, sorted=False).indices.to(torch.int32)
         y = kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
                                       neuron_ids=ids, **blocks)

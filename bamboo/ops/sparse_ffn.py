@@ -289,16 +289,15 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm
         return reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
                                     down_bias, predictor_in, predictor_out, predictor_bias, kind, mode, up_act,
                                     threshold, top_k)
-    from bamboo.kernels import sparse_ffn_triton as triton_kernels
+    from bamboo.kernels.sparse_ffn_triton import triton_sparse_ffn
 
     down_rows = down_weight_nm if down_weight_nm is not None else down_weight.t()
     if mode == "exact":
-        y = triton_kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, act)
+        y = triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, act)
     else:
-        ids, count = triton_kernels.select_by_predictor(x2, predictor_in, predictor_out, threshold,
-                                                        bias=predictor_bias)
-        y = triton_kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias,
-                                             act, neuron_ids=ids, neuron_count=count, cap=top_k or None)
+        y = kernels.predicted_sparse_ffn(x2, gate_weight, up_weight, down_rows, predictor_in, predictor_out,
+                                         k=top_k or None, threshold=threshold, up_act=act, gate_bias=gate_bias,
+                                         up_bias=up_bias, down_bias=down_bias, predictor_bias=predictor_bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -184,3 +184,18 @@ def test_threshold_selection_matches_torch_and_respects_the_cap(rows):
     capped = k.triton_sparse_ffn(w["x"], w["gw"], None, w["uw"], None, w["dw"].t().contiguous(), None, "relu",
                                  neuron_ids=ids, neuron_count=count, cap=5)
     assert rel(capped, reference(w, "drelu", "relu", ids[:5].cpu())) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_kernel_predictor_path_equals_the_ops_predictor_mode(rows):
+    """What the op's CUDA path runs (threshold selection with a predictor bias) against the op's reference."""
+    gen = torch.Generator().manual_seed(40 + rows)
+    w = make(rows, 40, 96, 30, torch.float32, gen, bias=True)
+    p_in = (torch.randn(8, 40, generator=gen) / 40**0.5).to(DEVICE)
+    p_out = (torch.randn(96, 8, generator=gen) / 8**0.5).to(DEVICE)
+    p_bias = (torch.randn(96, generator=gen) * 0.1).to(DEVICE)
+    y = predicted_sparse_ffn(w["x"], w["gw"], w["uw"], w["dw"].t().contiguous(), p_in, p_out, threshold=0.2,
+                             gate_bias=w["gb"], up_bias=w["ub"], down_bias=w["db"], predictor_bias=p_bias)
+    expected = reference_sparse_ffn(w["x"], w["gw"], w["gb"], w["uw"], w["ub"], w["dw"], None, w["db"], p_in, p_out,
+                                    p_bias, kind="drelu", mode="predictor", up_act="relu", threshold=0.2)
+    assert rel(y, expected.double().cpu()) < TOL[torch.float32]
