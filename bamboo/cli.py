@@ -9,7 +9,7 @@ from pathlib import Path
 def _cmd_demo(args) -> int:
     from bamboo.demo import run_demo
 
-    run_demo(config=args.config, new_tokens=args.new_tokens, batches=args.batches)
+    run_demo(config=args.config, new_tokens=args.new_tokens, batches=args.batches, trained_model=not args.no_trained)
     return 0
 
 
@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     demo.add_argument("--config", default="tiny", help="built-in config name (default: tiny)")
     demo.add_argument("--new-tokens", type=int, default=16)
     demo.add_argument("--batches", type=int, default=8, help="batches for the sparsity profile")
+    demo.add_argument("--no-trained", action="store_true", help="skip the section on the bundled trained model")
     demo.set_defaults(func=_cmd_demo)
 
     inspect = sub.add_parser("inspect", help="list the FFN sites of a checkpoint directory or built-in config")

@@ -14,6 +14,9 @@ def test_demo_prints_sparsity_sites_and_exact_compile(capsys):
     assert "drelu" in out and "FFN weight bytes not read" in out
     diff = float(out.split("largest relative difference from dense: ")[1].split()[0])
     assert diff < 1e-5
+    assert "austen-small" in out and "did not read while generating" in out
+    skipped = float(out.split("did not read while generating: ")[1].split("%")[0])
+    assert skipped > 50  # a trained dReLU model: most up and down rows stay unread
 
 
 def test_inspect_builtin_config_and_checkpoint_dir(capsys, tmp_path):
