@@ -74,6 +74,37 @@ def _example_ids(batch: int, seq: int):
     return torch.randint(3, 100, (batch, seq))
 
 
+def _cmd_generate(args) -> int:
+    import time
+
+    import torch
+
+    import bamboo
+    from bamboo.models.tokenizer import BambooTokenizer, TextStreamer
+
+    model = _load_model(args.model, args.dtype).to(args.device)
+    tokenizer = BambooTokenizer()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    prompt = tokenizer([text])["input_ids"].to(args.device)
+    if args.sparsity != "dense" or args.backend != "eager":
+        model = bamboo.compile(model, backend=args.backend, sparsity=args.sparsity, predictors=args.predictors)
+    streamer = TextStreamer(tokenizer)
+    times = []
+
+    def stream(tokens):
+        times.append(time.perf_counter())
+        streamer(tokens)
+
+    print(args.prompt, end="", flush=True)
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                       temperature=args.temperature, top_p=args.top_p, streamer=stream)
+    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    print(f"\n\n{len(times)} tokens; decode {decode:.1f} tok/s (first token excluded; {args.backend}, "
+          f"{args.sparsity}, {args.device})")
+    return 0
+
+
 def _cmd_export_onnx(args) -> int:
     import bamboo
 
@@ -155,6 +186,21 @@ def main(argv=None) -> int:
     cal.add_argument("--seq-len", type=int, default=256)
     cal.add_argument("--seed", type=int, default=0)
     cal.set_defaults(func=_cmd_calibrate)
+
+    gen = sub.add_parser("generate", help="generate text, printing tokens as they come and the decode speed")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default="austen-small", help="checkpoint directory or bundled model name")
+    gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.add_argument("--sparsity", default="exact", choices=["exact", "predictor", "dense"])
+    gen.add_argument("--predictors", default=None)
+    gen.add_argument("--backend", default="eager", choices=["eager", "inductor"])
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--do-sample", action="store_true")
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the ChatML template")
+    gen.set_defaults(func=_cmd_generate)
 
     exp = sub.add_parser("export-onnx", help="export a model to ONNX with the sparse FFN in standard ops")
     exp.add_argument("--model", default="austen-small", help="checkpoint directory or bundled model name")

@@ -63,3 +63,10 @@ def test_export_commands(capsys, tmp_path):
     assert main(["export-tensorrt", "--out", str(tmp_path / "t.onnx"), "--engine", str(tmp_path / "t.engine")]) == 0
     out = capsys.readouterr().out
     assert "TensorRT profile" in out and check_tensorrt_profile(tmp_path / "t.onnx") == []
+
+
+def test_generate_streams_text_and_reports_speed(capsys):
+    pytest.importorskip("mistral_common", reason="the tokenizer extra is not installed")
+    assert main(["generate", "It is a truth universally acknowledged", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("It is a truth universally acknowledged") and "6 tokens; decode" in out

@@ -68,11 +68,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: Optional[int] = -1, pad_token_id: Optional[int] = None,
              streamer: Optional[Callable[[torch.Tensor], None]] = None,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, keep_cache: bool = False) -> torch.Tensor:
     """Prompt plus generated tokens, [batch, prompt_len + new_len].
 
     `eos_token_id` defaults to the config's (pass None to never stop early); rows that finished are filled
     with `pad_token_id` (default: the eos id). `streamer(tokens)` is called with each step's new tokens [batch].
+    keep_cache=True leaves the KV cache in place, so the next call of the same shape reuses its buffers (what
+    CUDA-graphed decode wants); by default it is freed.
     """
     input_ids, attention_mask = _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_p)
     if eos_token_id == -1:
@@ -109,5 +111,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
                            cache_position=slots[slot:slot + 1])
             tokens = pick(logits[:, -1])
     finally:
-        model.clear_cache()
+        if not keep_cache:
+            model.clear_cache()
     return torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1)

@@ -177,13 +177,20 @@ class BambooPreTrainedModel(nn.Module):
                 module.reset_buffers(device)
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
-        """Allocate a static KV cache in every attention layer (kept out of the state dict)."""
+        """Allocate a static KV cache in every attention layer (kept out of the state dict). A cache of the same
+        shape, dtype and device is reused (zeroed), so compiled code and CUDA graphs keep their buffers."""
         param = next(self.parameters())
         config = self.config
+        dtype, device = dtype or param.dtype, torch.device(device or param.device)
+        shape = (batch_size, config.num_key_value_heads, max_seq_len, config.resolved_head_dim)
         for layer in self.base_model.layers:
-            layer.self_attn.kv_cache = StaticKVCache(
-                batch_size, config.num_key_value_heads, max_seq_len, config.resolved_head_dim,
-                dtype or param.dtype, device or param.device)
+            cache = layer.self_attn.kv_cache
+            if (cache is not None and tuple(cache.k_cache.shape) == shape and cache.k_cache.dtype == dtype
+                    and cache.k_cache.device == device):
+                cache.k_cache.zero_()
+                cache.v_cache.zero_()
+            else:
+                layer.self_attn.kv_cache = StaticKVCache(*shape[:2], max_seq_len, shape[3], dtype, device)
 
     def clear_cache(self) -> None:
         for layer in self.base_model.layers:

@@ -78,3 +78,14 @@ def test_bad_generation_inputs(model):
         model.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=5000)
     with pytest.raises(InputError, match="integer"):
         model.generate(torch.ones(1, 4))
+
+
+@torch.no_grad()
+def test_kept_cache_is_reused_and_gives_the_same_tokens(model):
+    ids = torch.randint(0, 512, (2, 5))
+    first = model.generate(ids, max_new_tokens=6, eos_token_id=None, keep_cache=True)
+    buffer = model.model.layers[0].self_attn.kv_cache.k_cache
+    second = model.generate(ids, max_new_tokens=6, eos_token_id=None, keep_cache=True)
+    assert model.model.layers[0].self_attn.kv_cache.k_cache is buffer  # same storage: no re-allocation
+    assert torch.equal(first, second)
+    model.clear_cache()
