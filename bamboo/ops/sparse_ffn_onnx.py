@@ -87,13 +87,7 @@ def emit_sparse_ffn(op, x, gate: Weight, up: Weight | None, down_rows, down_bias
             h = op.Mul(h, _activation(op, act, up.apply(op, x2, ids)))
         y = op.MatMul(h, op.Gather(down_rows, ids, axis=0))
     elif mode == "predictor":
-        p_in, p_out, p_bias = predictor
-        xf = op.Cast(x2, to=FLOAT)
-        scores = op.MatMul(op.Relu(op.MatMul(xf, op.Transpose(op.Cast(p_in, to=FLOAT), perm=[1, 0]))),
-                           op.Transpose(op.Cast(p_out, to=FLOAT), perm=[1, 0]))
-        if p_bias is not None:
-            scores = op.Add(scores, op.Cast(p_bias, to=FLOAT))
-        best = op.ReduceMax(scores, _int64s(op, [0]), keepdims=0)
+        best = _best_scores(op, x2, predictor)
         # Calls with more than max_rows rows (prefill) compute every neuron, as the op does.
         rows = op.Shape(x2, start=0, end=1)
         prefill = op.Greater(rows, _int64s(op, [max_rows]))
@@ -115,14 +109,19 @@ def emit_sparse_ffn(op, x, gate: Weight, up: Weight | None, down_rows, down_bias
     return op.Reshape(y, out_shape)
 
 
-def _static_predictor(op, x2, product, down_rows, predictor, threshold, top_k, max_rows):
+def _best_scores(op, x2, predictor):
+    """Each neuron's largest predictor score over the rows, relu(x P_in^T) P_out^T + b, in float32."""
     p_in, p_out, p_bias = predictor
     xf = op.Cast(x2, to=FLOAT)
     scores = op.MatMul(op.Relu(op.MatMul(xf, op.Transpose(op.Cast(p_in, to=FLOAT), perm=[1, 0]))),
                        op.Transpose(op.Cast(p_out, to=FLOAT), perm=[1, 0]))
     if p_bias is not None:
         scores = op.Add(scores, op.Cast(p_bias, to=FLOAT))
-    best = op.ReduceMax(scores, _int64s(op, [0]), keepdims=0)
+    return op.ReduceMax(scores, _int64s(op, [0]), keepdims=0)
+
+
+def _static_predictor(op, x2, product, down_rows, predictor, threshold, top_k, max_rows):
+    best = _best_scores(op, x2, predictor)
     thr = op.Constant(value_floats=[float(threshold) if math.isfinite(threshold) else -3.0e38])
     dense = op.MatMul(product(None), down_rows)
     if not top_k or top_k <= 0 or top_k > TENSORRT_MAX_TOPK:
