@@ -43,7 +43,10 @@ class LayerPredictor:
         return self.w_in.shape[0]
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x.to(self.w_in.dtype) @ self.w_in.t()) @ self.w_out.t() + self.bias
+        """fp32 scores [rows, intermediate], exactly as bamboo::sparse_ffn computes them."""
+        from bamboo.ops.sparse_ffn import predictor_scores
+
+        return predictor_scores(x, self.w_in, self.w_out, self.bias)
 
     def to(self, dtype=None, device=None) -> "LayerPredictor":
         move = lambda t: t.to(dtype=dtype, device=device)  # noqa: E731

@@ -15,6 +15,7 @@ from bamboo.calibrate.predictors import LayerPredictor, Predictors, fingerprint
 from bamboo.errors import InputError
 from bamboo.graph.capture import export_program
 from bamboo.ops import activations
+from bamboo.ops.sparse_ffn import predictor_scores
 from bamboo.passes.detect_ffn_sites import FFNSite, detect_ffn_sites
 
 
@@ -102,7 +103,7 @@ class _LayerCalibration:
         return gate & (activations.apply(self.w.site.up_act, up) != 0)
 
     def scores(self, x):
-        return torch.relu(x @ self.w_in.t()) @ self.w_out.t() + self.bias
+        return predictor_scores(x, self.w_in, self.w_out, self.bias)
 
     def step(self, x: torch.Tensor, minibatch: int = 256) -> float:
         x = x.detach().reshape(-1, x.shape[-1]).float()

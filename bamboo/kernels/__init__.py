@@ -75,7 +75,7 @@ def predicted_sparse_ffn(x, gate_weight, up_weight, down_rows, predictor_in, pre
     x2 = x.reshape(-1, x.shape[-1])
     if threshold is not None:
         ids, count = kernels.select_by_predictor(x2, predictor_in, predictor_out, threshold, bias=predictor_bias,
-                                                 gate_block=blocks.get("gate_block") or 64,
+                                                 gate_block=blocks.get("gate_block"),
                                                  num_warps=blocks.get("num_warps", 4))
         y = kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
                                       neuron_ids=ids, neuron_count=count, cap=k, **blocks)

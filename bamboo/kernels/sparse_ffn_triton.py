@@ -222,13 +222,14 @@ def _upcast(x):
     return x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def select_by_predictor(x, predictor_in, predictor_out, threshold: float, bias=None, gate_block=64, block_k=64,
+def select_by_predictor(x, predictor_in, predictor_out, threshold: float, bias=None, gate_block=None, block_k=64,
                         num_warps=4):
     """Neurons whose predictor score relu(x P_in^T) P_out^T (+ bias) exceeds `threshold` for any row:
     (ids, count), both on the device."""
     hidden = (x.to(predictor_in.dtype) @ predictor_in.t()).contiguous()
     _, ids, count = _compact(hidden, predictor_out, bias, threshold, store=False, relu_input=True,
-                             deterministic=False, gate_block=gate_block, block_k=block_k, num_warps=num_warps)
+                             deterministic=False, gate_block=gate_block or TUNED_BLOCKS["predictor"]["gate_block"],
+                             block_k=block_k, num_warps=num_warps)
     return ids, count
 
 
