@@ -163,7 +163,8 @@ def main():
     if agreement:
         print(f"\ngreedy generation, compiled predictor mode (recall {agreement['recall']}, "
               f"{agreement['density']:.1%} of neurons) against dense, {args.prompts} prompts x {args.new_tokens} tokens: "
-              f"{agreement['token_match']:.1%} of tokens equal, first difference after {agreement['mean_matching_prefix']:.1f} tokens on average")
+              f"{agreement['token_match']:.1%} of tokens equal, first difference after "
+              f"{agreement['mean_matching_prefix']:.1f} tokens on average")
     data = dict(benchmark="quality", facts=device_facts(), model="austen-small", data=provenance["source"],
                 validation=provenance["validation"], windows=len(windows) * 16, seq_len=args.seq_len,
                 rows=rows, predictors=predictors.to_json(), calibration_seconds=calibrate_seconds,

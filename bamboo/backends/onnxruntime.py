@@ -1,8 +1,9 @@
 """The ONNX Runtime backend: export the model once (at its first call, with that call's inputs as examples and
 dynamic batch and sequence dims), open an InferenceSession, and run it with the model's call signature.
 
-On CUDA (onnxruntime-gpu) inputs and outputs stay on the device: torch CUDA tensors are bound with IOBinding,
-no host copies. Otherwise the CPU EP runs on numpy views of the inputs.
+Inputs and outputs stay torch tensors on their device: they are bound by pointer with IOBinding (CUDA EP from
+onnxruntime-gpu for CUDA tensors, CPU EP for CPU tensors), so no host copies. Each call waits for torch's
+stream before ORT starts and returns when ORT's stream is done (ORT computes on a stream of its own).
 """
 from __future__ import annotations
 
@@ -73,33 +74,82 @@ class OnnxRuntimeModule:
         if len(tensors) != len(self.input_names):
             raise InputError(f"the exported model takes {len(self.input_names)} tensor input(s) "
                              f"({self.input_names}), got {len(tensors)}")
-        if tensors and tensors[0].is_cuda and "CUDAExecutionProvider" in self.session.get_providers():
-            return self._run_cuda(tensors)
-        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, tensors)}
-        outputs = [torch.from_numpy(o) for o in self.session.run(self.output_names, feeds)]
+        devices = {t.device for t in tensors}
+        if len(devices) > 1:
+            raise InputError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
         device = tensors[0].device if tensors else torch.device("cpu")
-        outputs = [o.to(device) for o in outputs]
+        if device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise InputError(f"inputs are on {device} but the session runs on {self.session.get_providers()}; "
+                             "install onnxruntime-gpu (CUDAExecutionProvider) or pass CPU tensors")
+        outputs = run_with_iobinding(self.session, self.input_names, self.output_names, tensors, device)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def _run_cuda(self, tensors):
-        binding = self.session.io_binding()
-        for name, t in zip(self.input_names, tensors):
-            t = t.contiguous()
-            binding.bind_input(name, "cuda", t.device.index or 0, _numpy_dtype(t.dtype), list(t.shape), t.data_ptr())
-        for name in self.output_names:
-            binding.bind_output(name, "cuda", tensors[0].device.index or 0)
-        self.session.run_with_iobinding(binding)
-        outputs = [_to_torch(o) for o in binding.get_outputs()]
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+# One path for both devices: torch tensors are bound by pointer (IOBinding), so CI's CPU runs exercise the
+# code that serves CUDA. Outputs go into torch tensors allocated here when their shapes follow from the
+# inputs' (the usual case: symbolic dims named after input dims), else ORT allocates them.
+_ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+                 "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
+
+
+def run_with_iobinding(session, input_names, output_names, tensors, device: torch.device) -> list:
+    kind, index = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
+    binding = session.io_binding()
+    bound = [t.detach().contiguous() for t in tensors]  # kept alive until the run returns
+    dims = {}
+    for meta, t in zip(session.get_inputs(), bound):
+        binding.bind_input(meta.name, kind, index, _numpy_dtype(t.dtype), list(t.shape), t.data_ptr())
+        dims.update({d: size for d, size in zip(meta.shape, t.shape) if isinstance(d, str)})
+    if kind == "cuda":
+        # ORT computes on its own stream: the inputs torch wrote on its stream must be complete first.
+        torch.cuda.current_stream(device).synchronize()
+    preallocated = []
+    for meta in session.get_outputs():
+        shape = _resolve_shape(meta.shape, dims)
+        dtype = _ORT_TO_TORCH.get(meta.type)
+        if shape is None or dtype is None:
+            binding.bind_output(meta.name, kind, index)
+            preallocated.append(None)
+            continue
+        out = torch.empty(shape, dtype=dtype, device=device)
+        binding.bind_output(meta.name, kind, index, _numpy_dtype(dtype), shape, out.data_ptr())
+        preallocated.append(out)
+    session.run_with_iobinding(binding)  # returns after ORT's stream is synchronised
+    if all(o is not None for o in preallocated):
+        return preallocated
+    allocated = binding.get_outputs()
+    return [o if o is not None else _to_torch(v, device) for o, v in zip(preallocated, allocated)]
+
+
+def _resolve_shape(shape, dims: dict):
+    """An output's concrete shape from its symbolic one, or None when a dim is not an input dim."""
+    resolved = []
+    for d in shape:
+        if isinstance(d, int):
+            resolved.append(d)
+        elif isinstance(d, str) and d.isdigit():
+            resolved.append(int(d))
+        elif d in dims:
+            resolved.append(int(dims[d]))
+        else:
+            return None
+    return resolved
 
 
 def _numpy_dtype(dtype: torch.dtype):
     import numpy as np
 
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
-            torch.bool: np.bool_}[dtype]
+    table = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+             torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}
+    if dtype not in table:
+        raise InputError(f"the onnxruntime backend cannot bind {dtype} tensors (numpy has no such type); use "
+                         "float16 or float32 models (ORT's CUDA EP also lacks bfloat16 TopK)")
+    return table[dtype]
 
 
-def _to_torch(ort_value) -> torch.Tensor:
-    """An OrtValue on the GPU as a torch tensor, through DLPack (no copy)."""
-    return torch.utils.dlpack.from_dlpack(ort_value.to_dlpack())
+def _to_torch(ort_value, device: torch.device) -> torch.Tensor:
+    """An output ORT allocated, as a torch tensor on `device` (no copy through DLPack on the GPU)."""
+    if device.type == "cpu":
+        return torch.from_numpy(ort_value.numpy())
+    to_dlpack = getattr(ort_value, "to_dlpack", None) or ort_value._ortvalue.to_dlpack  # public only in some versions
+    return torch.utils.dlpack.from_dlpack(to_dlpack())

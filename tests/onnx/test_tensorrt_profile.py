@@ -11,8 +11,12 @@ from onnx import TensorProto, helper  # noqa: E402
 
 import bamboo  # noqa: E402
 from bamboo.errors import InputError  # noqa: E402
-from bamboo.onnx.tensorrt_profile import (PROFILE_KEY, build_tensorrt_engine, check_tensorrt_profile,  # noqa: E402
-                                          export_tensorrt_onnx)
+from bamboo.onnx.tensorrt_profile import (  # noqa: E402
+    PROFILE_KEY,
+    build_tensorrt_engine,
+    check_tensorrt_profile,
+    export_tensorrt_onnx,
+)
 from tests.onnx.test_export_onnx import random_predictors  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
