@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -21,6 +22,7 @@ from bamboo.graph.site_table import SiteTable, describe_rejections
 from bamboo.passes import PassManager, default_passes, detect_ffn_sites
 
 SPARSITY_MODES = ("exact", "dense", "predictor")
+log = logging.getLogger("bamboo.compile")
 
 
 @dataclass
@@ -28,6 +30,7 @@ class CompileReport:
     """What the passes did to each graph Dynamo captured (one entry per compiled graph)."""
 
     graphs: list = field(default_factory=list)
+    compiles: int = 0  # graphs compiled so far, dense ones included
 
     @property
     def sites(self) -> SiteTable:
@@ -64,6 +67,13 @@ def make_dynamo_backend(backend: str, sparsity: str, report: CompileReport, name
     lowering = get_backend(backend, **backend_options)
 
     def bamboo_backend(gm: fx.GraphModule, example_inputs: list):
+        # one line per graph Dynamo hands over: a new shape bucket or a recompile shows up here
+        # (TORCH_LOGS=recompiles says why Dynamo recompiled)
+        shapes = [tuple(t.shape) for t in example_inputs
+                  if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)]
+        log.info("bamboo.compile: compiling graph %d of %s (%s, %s backend), activation shapes %s",
+                 report.compiles + 1, name, sparsity, backend, shapes[:6])
+        report.compiles += 1
         if sparsity == "dense":
             return lowering.compile_graph(gm, example_inputs)
         constants = placeholder_constants(gm, example_inputs)

@@ -1,3 +1,4 @@
+import logging
 import warnings
 
 import pytest
@@ -154,3 +155,31 @@ def test_compiled_bf16_model_on_cuda_uses_the_kernels_and_matches_dense():
         ref = reference(ids)
         dense_err = rel_err(model(ids).double(), ref)
         assert rel_err(compiled(ids).double(), ref) <= max(2 * dense_err, 2e-2)
+
+
+@torch.no_grad()
+def test_generate_compiles_once_per_shape_bucket_and_logs_each_compile(model):
+    compiled = bamboo.compile(model, dynamic=False)
+    ids = torch.randint(0, 512, (2, 5))
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("bamboo.compile")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        first = compiled.generate(ids, max_new_tokens=6, eos_token_id=None, prompt_bucket=8)
+        assert compiled.bamboo_report.compiles == 2  # the prefill and the decode step
+        # another prompt length and another output length in the same buckets: nothing new to compile
+        longer_prompt = torch.randint(0, 512, (2, 7))
+        second = compiled.generate(longer_prompt, max_new_tokens=9, eos_token_id=None, prompt_bucket=8)
+        assert compiled.bamboo_report.compiles == 2
+        compiled.generate(ids, max_new_tokens=6, eos_token_id=None, prompt_bucket=8, cache_bucket=1)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    assert compiled.bamboo_report.compiles == 4  # unbucketed cache length: new prefill and decode graphs
+    assert [r.getMessage().split(",")[0] for r in records] == [
+        f"bamboo.compile: compiling graph {i} of BambooForCausalLM (exact" for i in range(1, 5)]
+    assert torch.equal(first, model.generate(ids, max_new_tokens=6, eos_token_id=None))
+    assert torch.equal(second, model.generate(longer_prompt, max_new_tokens=9, eos_token_id=None))

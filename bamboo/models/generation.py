@@ -1,7 +1,11 @@
 """Generation with the static KV cache: left-padded batches, greedy or nucleus sampling, streaming.
 
 Sampling runs on the device without host synchronisation (Gumbel-max through exponential noise, as gpt-fast
-does); the only host read per step is the check whether every row has finished.
+does). The only host read is the check whether every row has finished, made every `eos_check_every` steps.
+
+Shapes are bucketed so compiled code is reused: the KV cache length is rounded up to a multiple of
+`cache_bucket` (the decode step's shapes then depend only on the batch and the bucket), and with
+`prompt_bucket` the prompt is left-padded to a multiple of it (the prefill's shapes too).
 """
 from __future__ import annotations
 
@@ -30,6 +34,22 @@ def sample_next_token(logits: torch.Tensor, do_sample: bool, temperature: float 
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / noise).argmax(-1)
+
+
+CACHE_BUCKET = 64
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def left_pad(input_ids, attention_mask, length: int, pad_token_id: int):
+    """Left-pad prompts to `length` tokens (padding is masked out, so the real tokens' results are unchanged)."""
+    extra = length - input_ids.shape[1]
+    if extra <= 0:
+        return input_ids, attention_mask
+    pad = lambda t, value: torch.cat([t.new_full((t.shape[0], extra), value), t], dim=1)  # noqa: E731
+    return pad(input_ids, pad_token_id), pad(attention_mask, 0)
 
 
 def _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_p):
@@ -68,22 +88,35 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: Optional[int] = -1, pad_token_id: Optional[int] = None,
              streamer: Optional[Callable[[torch.Tensor], None]] = None,
-             generator: Optional[torch.Generator] = None, keep_cache: bool = False) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, keep_cache: bool = False,
+             cache_bucket: int = CACHE_BUCKET, prompt_bucket: Optional[int] = None,
+             eos_check_every: int = 16) -> torch.Tensor:
     """Prompt plus generated tokens, [batch, prompt_len + new_len].
 
     `eos_token_id` defaults to the config's (pass None to never stop early); rows that finished are filled
     with `pad_token_id` (default: the eos id). `streamer(tokens)` is called with each step's new tokens [batch].
     keep_cache=True leaves the KV cache in place, so the next call of the same shape reuses its buffers (what
-    CUDA-graphed decode wants); by default it is freed.
+    CUDA-graphed decode wants); by default it is freed. `cache_bucket` and `prompt_bucket` round the cache and
+    prompt lengths up (see the module doc); finished rows are checked for every `eos_check_every` steps (and
+    every step with a streamer), each check being one host read.
     """
     input_ids, attention_mask = _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_p)
+    if cache_bucket < 1 or (prompt_bucket is not None and prompt_bucket < 1) or eos_check_every < 1:
+        raise InputError("cache_bucket, prompt_bucket and eos_check_every must be >= 1")
     if eos_token_id == -1:
         eos_token_id = model.config.eos_token_id
     if pad_token_id is None:
         pad_token_id = eos_token_id if eos_token_id is not None else 0
+    original_len = input_ids.shape[1]
+    limit = model.config.max_position_embeddings
+    if prompt_bucket is not None:
+        padded = min(round_up(original_len, prompt_bucket), limit - max_new_tokens)
+        input_ids, attention_mask = left_pad(input_ids, attention_mask, padded, pad_token_id)
     batch, prompt_len = input_ids.shape
     device = input_ids.device
-    total = prompt_len + max_new_tokens
+    total = max(min(round_up(prompt_len + max_new_tokens, cache_bucket), limit), prompt_len + max_new_tokens)
+    if streamer is not None:
+        eos_check_every = 1  # the streamer reads every step's tokens anyway
 
     model.setup_cache(batch, total, device=device)
     try:
@@ -96,15 +129,18 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         pick = lambda lg: sample_next_token(lg, do_sample, temperature, top_k, top_p, generator)  # noqa: E731
         tokens = pick(logits[:, -1])
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        generated = []
+        generated, all_finished = [], []
         for step in range(max_new_tokens):
             if eos_token_id is not None:
                 tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
                 finished = finished | (tokens == eos_token_id)
+                all_finished.append(finished.all())
             generated.append(tokens)
             if streamer is not None:
                 streamer(tokens)
-            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+            if step == max_new_tokens - 1:
+                break
+            if eos_token_id is not None and (step + 1) % eos_check_every == 0 and bool(all_finished[-1]):
                 break
             slot = prompt_len + step
             logits = model(tokens[:, None], attention_mask=full_mask, position_ids=positions[:, slot:slot + 1],
@@ -113,4 +149,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     finally:
         if not keep_cache:
             model.clear_cache()
-    return torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1)
+    if all_finished:  # drop the steps run after every row had finished (checks are only every few steps)
+        done = torch.stack(all_finished)
+        if bool(done.any()):
+            generated = generated[:int(done.int().argmax()) + 1]
+    return torch.cat([input_ids[:, prompt_len - original_len:], torch.stack(generated, dim=1)], dim=1)

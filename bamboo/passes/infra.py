@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import torch
 import torch.fx as fx
 
 from bamboo.errors import CompileError
@@ -95,5 +96,17 @@ class PassManager:
             self.history.append(PassRecord(name, result.modified, result.stats, before, dict(op_counts(gm))))
             stats[name] = result.stats
             modified |= result.modified
-            log.info("pass %s: modified=%s %s", name, result.modified, result.stats)
+            log.info("pass %s: modified=%s %s", name, result.modified, _loggable(result.stats))
         return PassResult(gm, modified, stats)
+
+
+def _loggable(stats: dict) -> dict:
+    """Stats with tensors (the weights a pass adds as inputs) shown by shape, not by value."""
+    def show(value):
+        if isinstance(value, torch.Tensor):
+            return f"tensor{list(value.shape)}"
+        if isinstance(value, (list, tuple)):
+            return [show(v) for v in value]
+        return value
+
+    return {key: show(value) for key, value in stats.items()}

@@ -37,13 +37,20 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(model):
     assert torch.equal(out[1, 7:], model.generate(b, max_new_tokens=6, eos_token_id=None)[0, 7:])
 
 
+def token_first_generated_at(model, ids, candidates):
+    """(token, index): a generated token that first appears at one of the `candidates` indices, to use as eos."""
+    free = model.generate(ids, max_new_tokens=max(candidates) + 1, eos_token_id=None)[0, ids.shape[1]:].tolist()
+    ends = [j for j in candidates if free[j] not in free[:j]]
+    assert ends, f"this prompt's generation repeats one token: {free}"
+    return free[ends[0]], ends[0]
+
+
 @torch.no_grad()
 def test_eos_stops_and_pads_finished_rows(model):
-    ids = torch.randint(0, 512, (1, 5))
-    free = model.generate(ids, max_new_tokens=6, eos_token_id=None)
-    eos = int(free[0, 7])  # make the third generated token the end of sequence
+    ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(1))
+    eos, end = token_first_generated_at(model, ids, range(2, 6))
     out = model.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
-    assert out.shape[1] == 8 and out[0, -1] == eos
+    assert out.shape[1] == 5 + end + 1 and out[0, -1] == eos
 
 
 @torch.no_grad()
@@ -89,3 +96,27 @@ def test_kept_cache_is_reused_and_gives_the_same_tokens(model):
     assert model.model.layers[0].self_attn.kv_cache.k_cache is buffer  # same storage: no re-allocation
     assert torch.equal(first, second)
     model.clear_cache()
+
+
+@torch.no_grad()
+def test_shape_buckets_change_no_token(model):
+    ids = torch.randint(0, 512, (2, 5))
+    exact_shapes = model.generate(ids, max_new_tokens=7, eos_token_id=None, cache_bucket=1)
+    assert torch.equal(model.generate(ids, max_new_tokens=7, eos_token_id=None), exact_shapes)
+    bucketed = model.generate(ids, max_new_tokens=7, eos_token_id=None, prompt_bucket=16, keep_cache=True)
+    assert torch.equal(bucketed, exact_shapes)  # the padding is dropped from the result
+    assert model.cache_shape[2] == 64  # 16 (padded prompt) + 7, rounded up to the default bucket
+    model.clear_cache()
+
+
+@torch.no_grad()
+def test_eos_checked_every_few_steps_still_stops_where_every_row_finished(model, monkeypatch):
+    ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
+    eos, end = token_first_generated_at(model, ids, range(2, 6))
+    calls = []
+    real_forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: calls.append(1) or real_forward(self, *a, **k))
+    out = model.generate(ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=0, eos_check_every=4)
+    assert out.shape[1] == 5 + end + 1 and out[0, -1] == eos  # trimmed to the step where the row ended
+    # prefill, then decode steps until the first check (after the 4th or 8th token) that sees the eos
+    assert len(calls) == 1 + (3 if end < 4 else 7)
