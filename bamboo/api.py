@@ -179,7 +179,7 @@ def inspect(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dic
     extra = None
     if predictors is not None:
         predictors = _check_sparsity("predictor", predictors)
-        found = [predictors.get(s.module) for s in report.sites]
+        found = [predictors.find(s.module) for s in report.sites]
         extra = {
             "threshold": [f"{p.threshold:.3f}" if p else "-" for p in found],
             "cap k": [(p.top_k or "-") if p else "-" for p in found],

@@ -93,12 +93,21 @@ class Predictors(dict):
             raise InputError(f"{path} could not be read as a predictor file ({exc}); re-run `bamboo calibrate`") from None
         return cls(layers, header.get("meta"))
 
+    def find(self, module: str) -> LayerPredictor | None:
+        """The predictor for the FFN at `module`. A model wrapped in another module (the ONNX decode step, a user's
+        wrapper) sees its FFNs under a longer path: the predictor whose path is the longest ending of it matches
+        (the fingerprint check in check_fits still refuses one calibrated for other weights)."""
+        if module in self:
+            return self[module]
+        matches = [name for name in self if module.endswith("." + name)]
+        return self[max(matches, key=len)] if matches else None
+
     def check_fits(self, module: str, gate_weight: torch.Tensor) -> LayerPredictor:
         """The predictor for the FFN at `module`, after checking it was calibrated for this gate weight."""
-        if module not in self:
+        p = self.find(module)
+        if p is None:
             raise InputError(f"no predictor for the FFN at {module!r} (predictors cover {sorted(self)[:4]}...): "
                              "these predictors belong to another model; run `bamboo calibrate` for this one")
-        p = self[module]
         if tuple(p.w_out.shape[:1]) != (gate_weight.shape[0],) or p.w_in.shape[1] != gate_weight.shape[1]:
             raise InputError(f"predictor for {module!r} is sized for hidden {p.w_in.shape[1]} / intermediate "
                              f"{p.w_out.shape[0]} but the FFN has {gate_weight.shape[1]} / {gate_weight.shape[0]}: "

@@ -200,7 +200,7 @@ def set_thresholds(model: torch.nn.Module, predictors: Predictors, batches, targ
     result = []
     for layer, site in zip(layers, sites):
         new = layer.finish(target_recall)
-        new.top_k = predictors[site.site.module].top_k
+        new.top_k = predictors.find(site.site.module).top_k
         result.append(new)
     return Predictors(result, {**predictors.meta, "target_recall": target_recall})
 

@@ -64,14 +64,16 @@ def greedy_generate_with_step(step, input_ids: torch.Tensor, max_new_tokens: int
     """Greedy generation driven by any callable with BambooDecodeStep's signature (a PyTorch step, or an ONNX
     Runtime session wrapped by bamboo's backend); no padding."""
     batch, prompt_len = input_ids.shape
+    device = input_ids.device
     total = cache[0].shape[2]
-    mask = torch.ones(batch, total, dtype=torch.long)
-    positions = torch.arange(total)[None].expand(batch, total).contiguous()
-    outputs = step(input_ids, mask, positions[:, :prompt_len].contiguous(), torch.arange(prompt_len), *cache)
+    mask = torch.ones(batch, total, dtype=torch.long, device=device)
+    slots = torch.arange(total, device=device)
+    positions = slots[None].expand(batch, total).contiguous()
+    outputs = step(input_ids, mask, positions[:, :prompt_len].contiguous(), slots[:prompt_len], *cache)
     logits, cache = outputs[0], list(outputs[1:])
     generated = [logits[:, -1].argmax(-1)]
     for t in range(prompt_len, prompt_len + max_new_tokens - 1):
-        outputs = step(generated[-1][:, None], mask, positions[:, t:t + 1].contiguous(), torch.tensor([t]), *cache)
+        outputs = step(generated[-1][:, None], mask, positions[:, t:t + 1].contiguous(), slots[t:t + 1], *cache)
         logits, cache = outputs[0], list(outputs[1:])
         generated.append(logits[:, -1].argmax(-1))
     return torch.cat([input_ids, torch.stack(generated, 1)], 1)

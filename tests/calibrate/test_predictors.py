@@ -6,6 +6,7 @@ import torch
 import bamboo
 from bamboo.calibrate import Predictors, calibrate, set_thresholds
 from bamboo.calibrate.corpus import load_processed, random_batches
+from bamboo.calibrate.predictors import LayerPredictor
 from bamboo.errors import InputError
 from bamboo.models import BambooConfig, BambooForCausalLM, pretrained_path
 from bamboo.models.modeling import BambooMLP
@@ -140,3 +141,13 @@ def test_calibrate_needs_data_and_a_sparse_ffn(model):
         calibrate(model, [torch.tensor([[1, 2, 3]])])
     with pytest.raises(InputError, match="no ReLU-sparse FFN"):
         calibrate(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.SiLU()), [torch.randn(2, 4)] * 3)
+
+
+def test_predictors_are_found_under_a_wrapper_path():
+    a, b = (LayerPredictor(name, torch.zeros(2, 4), torch.zeros(8, 2), torch.zeros(8), 0.0, "f")
+            for name in ("model.layers.0.mlp", "layers.0.mlp"))
+    assert Predictors([a]).find("model.model.layers.0.mlp") is a  # the ONNX decode step wraps the model
+    assert Predictors([a]).find("model.layers.0.mlp") is a
+    assert Predictors([a]).find("xmodel.layers.0.mlp") is None  # suffixes match on whole path components
+    assert Predictors([b, a]).find("wrapper.model.layers.0.mlp") is a  # the longest ending wins
+    assert Predictors([a]).find("model.layers.1.mlp") is None

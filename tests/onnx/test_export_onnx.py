@@ -78,6 +78,25 @@ def test_decode_step_with_kv_cache_reproduces_generated_tokens(model, tmp_path, 
     assert torch.equal(greedy_generate_with_step(onnx_step, prompt, 10, cache), expected)
 
 
+def test_predictor_mode_decode_step_reproduces_the_compiled_model_tokens(model, tmp_path):
+    # the step wraps the model, so its FFNs sit under "model.model.layers.i.mlp": the predictors still match
+    predictors = random_predictors(model, threshold=0.3, top_k=100)
+    step = BambooDecodeStep(model)
+    cache = step.empty_cache(2, 24)
+    examples = (torch.randint(0, 512, (2, 3)), torch.ones(2, 24, dtype=torch.long),
+                torch.arange(3)[None].expand(2, 3).contiguous(), torch.arange(3), *cache)
+    onnx_step = OnnxRuntimeModule(step, sparsity="predictor", predictors=predictors, path=tmp_path / "step.onnx",
+                                  example_inputs=examples)
+    assert "TopK" in op_types(tmp_path / "step.onnx")
+    prompt = torch.randint(0, 512, (2, 6))
+    with torch.no_grad():
+        expected = bamboo.compile(model, sparsity="predictor", predictors=predictors).generate(
+            prompt, max_new_tokens=10, eos_token_id=None)
+        dense = model.generate(prompt, max_new_tokens=10, eos_token_id=None)
+    assert torch.equal(greedy_generate_with_step(onnx_step, prompt, 10, cache), expected)
+    assert not torch.equal(expected, dense)  # the predictor really dropped neurons that mattered
+
+
 def test_onnxruntime_backend_has_the_model_call_signature(model):
     compiled = bamboo.compile(model, backend="onnxruntime")
     ids = torch.randint(0, 512, (1, 6))  # size-1 batch: the export widens the example so the dim stays dynamic
