@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 from pathlib import Path
@@ -76,3 +77,40 @@ def print_table(headers, rows) -> None:
     from bamboo.graph.site_table import format_table
 
     print(format_table(headers, rows), flush=True)
+
+
+def forced_k_predictors(mlps: dict, fraction: float, rank: int = 256):
+    """Random rank-`rank` predictors for the FFNs in `mlps` ({module path: BambooMLP}) whose threshold lets every
+    neuron through and whose cap keeps the top `fraction` of them: a speed run at a chosen k ("forced k"), since
+    random weights have no real predictor."""
+    from bamboo.calibrate.predictors import LayerPredictor, Predictors, fingerprint
+
+    layers, k = [], 0
+    for name, mlp in mlps.items():
+        gate = mlp.gate_proj.weight
+        intermediate, hidden = gate.shape
+        k = int(round(fraction * intermediate))
+        w_in = torch.randn(rank, hidden, device=gate.device, dtype=gate.dtype) / hidden**0.5
+        w_out = torch.randn(intermediate, rank, device=gate.device, dtype=gate.dtype) / rank**0.5
+        layers.append(LayerPredictor(name, w_in, w_out, torch.zeros_like(w_out[:, 0]), -math.inf, fingerprint(gate),
+                                     top_k=k))
+    return Predictors(layers, {"rank": rank, "forced_k": k})
+
+
+def predictor_bytes(predictors) -> int:
+    return sum((p.w_in.numel() + p.w_out.numel() + p.bias.numel()) * p.w_in.element_size()
+               for p in predictors.values())
+
+
+def median_host_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Median wall milliseconds of `fn()` (which must return only when its work is done)."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)

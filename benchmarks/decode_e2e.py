@@ -11,7 +11,6 @@ of the decode steps (prefill excluded: a 1-token generate is subtracted). The fl
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -20,29 +19,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bamboo  # noqa: E402
-from bamboo.calibrate.predictors import LayerPredictor, Predictors, fingerprint  # noqa: E402
 from bamboo.models import BambooConfig, BambooForCausalLM  # noqa: E402
-from benchmarks.common import device_facts, print_table, read_bandwidth, write_json  # noqa: E402
-
-
-def forced_k_predictors(model, fraction, rank=256):
-    layers = []
-    cfg = model.config
-    k = int(round(fraction * cfg.intermediate_size))
-    for i, layer in enumerate(model.model.layers):
-        gate = layer.mlp.gate_proj.weight
-        w_in = torch.randn(rank, cfg.hidden_size, device=gate.device, dtype=gate.dtype) / cfg.hidden_size**0.5
-        w_out = torch.randn(cfg.intermediate_size, rank, device=gate.device, dtype=gate.dtype) / rank**0.5
-        layers.append(LayerPredictor(f"model.layers.{i}.mlp", w_in, w_out, torch.zeros_like(w_out[:, 0]),
-                                     -math.inf, fingerprint(gate), top_k=k))
-    return Predictors(layers, {"rank": rank, "forced_k": k})
+from benchmarks.common import (  # noqa: E402
+    device_facts,
+    forced_k_predictors,
+    predictor_bytes,
+    print_table,
+    read_bandwidth,
+    write_json,
+)
 
 
 def decode_seconds(model, prompt, new_tokens, repeats):
+    cache_len = prompt.shape[1] + new_tokens  # one cache shape for the long and the short run: same graphs
+
     def run(n):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=n, eos_token_id=None)
+        model.generate(prompt, max_new_tokens=n, eos_token_id=None, cache_bucket=cache_len, keep_cache=True)
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
@@ -53,6 +47,36 @@ def decode_seconds(model, prompt, new_tokens, repeats):
     return (full - short) / (new_tokens - 1)
 
 
+def onnxruntime_decode_table(args, config, bandwidth, rows):
+    """ORT CUDA EP rows (fp16: ORT has no bf16 TopK), from benchmarks/onnxruntime_rows.py's decode step."""
+    import tempfile
+
+    try:
+        import onnxruntime as ort
+
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        print("onnxruntime rows skipped: onnxruntime-gpu (CUDAExecutionProvider) is not installed", flush=True)
+        return []
+    from benchmarks.onnxruntime_rows import decode_rows
+
+    layers = args.ort_layers or config.num_hidden_layers
+    ort_config = BambooConfig.named(args.config, num_hidden_layers=layers)
+    with tempfile.TemporaryDirectory(prefix="bamboo-ort-decode-") as tmp:
+        new = decode_rows(ort_config, torch.device("cuda"), torch.float16, args.batch, args.fractions, args.prompt,
+                          args.new, Path(tmp), bandwidth)
+    for r in new:
+        r["variant"] = f"{r['variant']} ({layers} layers, fp16)"
+    rows += new
+    return [[r["batch"], r["variant"], f"{r['ms']:.2f}", f"{r['tok_s']:.1f}",
+             f"{r['batch'] * 1e3 / r['floor_ms']:.0f}", f"{r['floor_ms'] / r['ms']:.0%}", f"{r['vs_dense']:.2f}x vs ORT",
+             "ORT CUDA EP, IOBinding"] for r in new]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="bamboo-7b")
@@ -61,8 +85,11 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.15])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=["eager", "compiled", "exact", "predictor"])
+    parser.add_argument("--variants", nargs="+", default=["eager", "compiled", "exact", "predictor", "onnxruntime"])
+    parser.add_argument("--ort-layers", type=int, default=None,
+                        help="layers of the model the ONNX Runtime rows export (default: all; fp16, CUDA EP)")
     parser.add_argument("--json", default="benchmarks/results/decode_e2e.json")
+    parser.add_argument("--plot", default="benchmarks/results/decode_e2e.png")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_e2e.py needs an NVIDIA GPU")
@@ -112,19 +139,27 @@ def main():
                 del compiled
             if "predictor" in args.variants:
                 for fraction in args.fractions:
-                    predictors = forced_k_predictors(model, fraction)
+                    predictors = forced_k_predictors({f"model.layers.{i}.mlp": layer.mlp
+                                                      for i, layer in enumerate(model.model.layers)}, fraction)
                     compiled = bamboo.compile(model, backend="inductor", sparsity="predictor", predictors=predictors,
                                               mode="reduce-overhead", dynamic=False)
-                    pred_bytes = sum((p.w_in.numel() + p.w_out.numel()) * 2 for p in predictors.values())
+                    pred_bytes = predictor_bytes(predictors)
                     record(f"bamboo predictor {fraction:.0%}", decode_seconds(compiled, prompt, args.new, args.repeats),
                            weight_bytes - ffn_bytes * (1 - fraction) + pred_bytes, "forced k, random predictors")
                     del compiled
             torch.cuda.empty_cache()
+    if "onnxruntime" in args.variants:
+        table += onnxruntime_decode_table(args, config, bandwidth, rows)
     print_table(["batch", "variant", "ms/step", "tok/s", "floor tok/s", "of floor", "vs dense compiled", "note"],
                 table)
-    write_json(args.json, dict(benchmark="decode_e2e", facts=device_facts(), config=args.config,
-                               prompt=args.prompt, new_tokens=args.new, read_bandwidth=bandwidth,
-                               weight_bytes=weight_bytes, rows=rows, command=" ".join(["python"] + sys.argv)))
+    data = dict(benchmark="decode_e2e", facts=device_facts(), config=args.config, prompt=args.prompt,
+                new_tokens=args.new, read_bandwidth=bandwidth, weight_bytes=weight_bytes, rows=rows,
+                command=" ".join(["python"] + sys.argv))
+    write_json(args.json, data)
+    if args.plot:
+        from benchmarks.plot_decode_e2e import plot
+
+        plot(data, args.plot)
 
 
 if __name__ == "__main__":
