@@ -87,6 +87,16 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule with its own graph (node meta shared): Dynamo keeps reading the graph it handed to the
     backend, so passes must not change that one's inputs in place."""
     graph = fx.Graph()
-    output = graph.graph_copy(gm.graph, {})
+    copies: dict = {}
+    output = graph.graph_copy(gm.graph, copies)
     graph.output(output)
-    return fx.GraphModule(gm, graph)
+    copy = fx.GraphModule(gm, graph)
+    # What AOTAutograd reads to tell Dynamo graphs apart: without it, it marks no input static, and CUDA graphs
+    # (mode="reduce-overhead") would copy every weight into graph memory on each replay.
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source
+    for old, new in copies.items():
+        if old.op == "placeholder" and hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    return copy

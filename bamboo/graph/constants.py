@@ -59,6 +59,9 @@ class ConstantStore:
             anchor = graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(None)
             with anchor:
                 node = graph.placeholder(name)
+            # no user source, and static: the same tensor comes with every call (CUDA graphs keep its address)
+            node._dynamo_source = None
+            node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
             self.extra_inputs.append(tensor)
         set_meta_value(node, fake_like(graph, tensor), before)
         return node
