@@ -25,14 +25,16 @@ def automatic_dynamic_shapes(args: tuple, kwargs: Optional[dict] = None):
 
 
 def normalize_example_inputs(example_inputs) -> tuple:
+    """A tuple of positional examples, tensors made contiguous: export records the examples' strides, and a
+    sliced example (ids[:, :6]) makes the ONNX exporter's decomposition fail in its input guards."""
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    elif isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    elif not isinstance(example_inputs, tuple):
         raise CompileError(f"example_inputs must be a tensor or a tuple of positional arguments, got "
                            f"{type(example_inputs).__name__}")
-    return example_inputs
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in example_inputs)
 
 
 def export_program(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict] = None,

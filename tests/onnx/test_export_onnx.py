@@ -133,3 +133,31 @@ def test_predictor_with_every_neuron_is_dense_in_onnx(model, tmp_path):
     ids = torch.randint(0, 512, (1, 3))
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(run(session, ids)[0]), model(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_trained_model_through_onnx_runtime_in_exact_and_predictor_modes(tmp_path):
+    from bamboo.calibrate import calibrate
+    from bamboo.calibrate.corpus import load_processed, random_batches
+    from bamboo.models import pretrained_path
+
+    trained = BambooForCausalLM.from_pretrained(pretrained_path(), dtype=torch.float32).eval()
+    batches = random_batches(load_processed()[0], 4, 32, seed=5)
+    # a low recall, so the union over a few rows leaves neurons out (the outputs then differ from dense)
+    predictors = calibrate(trained, [next(batches) for _ in range(4)], rank=16, target_recall=0.8, epochs=1,
+                           progress=False)
+    text = next(random_batches(load_processed()[1], 2, 12, seed=6))
+    for sparsity, chosen in (("exact", None), ("predictor", predictors)):
+        path = bamboo.export_onnx(trained, (text[:, :6],), tmp_path / f"{sparsity}.onnx", sparsity=sparsity,
+                                  predictors=chosen)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        reference = bamboo.compile(trained, sparsity=sparsity, predictors=chosen)
+        for ids in (text[:1, :3], text):  # 3 rows: the sparse path; 24 rows: prefill-sized, dense
+            with torch.no_grad():
+                expected = reference(ids)
+            (out,) = run(session, ids)
+            torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-4)
+        if sparsity == "predictor":
+            with torch.no_grad():
+                dense, sparse = trained(text[:1, :3]), reference(text[:1, :3])
+            assert not torch.allclose(dense, sparse, atol=1e-3), "the predictor dropped no neuron that mattered"
