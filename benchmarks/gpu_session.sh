@@ -21,6 +21,8 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 python -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 python benchmarks/decode_e2e.py --batch 1 4 --fractions 0.10 0.15 0.25 \
     --ort-layers 8 --json "$OUT/decode_e2e.json" --plot "$OUT/decode_e2e.png" 2>&1 | tee "$OUT/decode_e2e.log" | tail -30
+python benchmarks/decode_e2e.py --pretrained austen-small --batch 1 4 --fractions 0.15 --variants eager compiled exact predictor \
+    --json "$OUT/decode_e2e_austen_small.json" --plot "$OUT/decode_e2e_austen_small.png" 2>&1 | tee "$OUT/decode_e2e_austen_small.log" | tail -12
 if python -c "import onnxruntime as o; o.preload_dlls(); assert 'CUDAExecutionProvider' in o.get_available_providers()"; then
     python benchmarks/onnxruntime_rows.py --json "$OUT/onnxruntime.json" 2>&1 | tee "$OUT/onnxruntime.log" | tail -30
 else

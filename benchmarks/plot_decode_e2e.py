@@ -22,8 +22,9 @@ def plot(data: dict, path: str) -> None:
         mine = [r for r in rows if r["batch"] == batch]
         names = [r["variant"] for r in mine]
         tok_s = [r.get("tok_s") or r["batch"] / r["ms"] * 1e3 for r in mine]
-        floors = [r.get("floor_tok_s") or r["batch"] * 1e3 / r["floor_ms"] for r in mine]
-        ax.barh(names, floors, color="lightgray", label="bandwidth floor")
+        floors = [r.get("floor_tok_s") or (r["batch"] * 1e3 / r["floor_ms"] if r.get("floor_ms") else 0) for r in mine]
+        if any(floors):  # no floor without a bandwidth measurement (the CPU smoke run)
+            ax.barh(names, floors, color="lightgray", label="bandwidth floor")
         ax.barh(names, tok_s, height=0.5, color="tab:blue", label="measured")
         for y, value in enumerate(tok_s):
             ax.text(value, y, f" {value:.0f}", va="center", fontsize=7)

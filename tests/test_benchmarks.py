@@ -24,3 +24,23 @@ def test_onnxruntime_rows_smoke_run_writes_every_row(tmp_path, monkeypatch):
     decode = {r["variant"]: r for r in data["rows"] if r["part"] != "ffn layer"}
     assert decode["ORT exact"]["tokens_equal_dense"] is True and all(r["ms"] > 0 for r in data["rows"])
     assert data["facts"]["onnxruntime"] and data["smoke"] is True
+
+
+@pytest.mark.slow
+def test_decode_e2e_smoke_run_on_the_trained_model_writes_rows_and_a_plot(tmp_path, monkeypatch):
+    import importlib.util
+
+    from benchmarks import decode_e2e
+
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None  # the bench extra, not the test one
+    out, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
+    monkeypatch.setattr(sys, "argv", ["decode_e2e.py", "--smoke", "--pretrained", "austen-small", "--prompt", "8",
+                                      "--new", "4", "--repeats", "1", "--json", str(out),
+                                      "--plot", str(png) if has_matplotlib else ""])
+    decode_e2e.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense eager", "dense compiled (eager backend)", "bamboo exact",
+                                            "bamboo predictor 15%"]
+    assert all(r["tok_s"] > 0 for r in rows)
+    assert png.exists() == has_matplotlib
+    assert "trained weights" in rows[2]["note"]
