@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from bamboo.errors import InputError, require
+from bamboo.graph.capture import normalize_example_inputs
 
 
 def _check_providers(ort, providers):
     available = ort.get_available_providers()
-    missing = [p if isinstance(p, str) else p[0] for p in providers
-               if (p if isinstance(p, str) else p[0]) not in available]
+    names = [p if isinstance(p, str) else p[0] for p in providers]  # a name, or (name, options)
+    missing = [name for name in names if name not in available]
     if missing:
         raise InputError(f"ONNX Runtime provider(s) {missing} are not available here (available: {available}); "
                          "for CUDAExecutionProvider install onnxruntime-gpu in place of onnxruntime")
@@ -35,7 +36,7 @@ class OnnxRuntimeModule:
         self.session = None
         self._tmp = None
         if example_inputs is not None:
-            self._build(tuple(example_inputs) if not isinstance(example_inputs, torch.Tensor) else (example_inputs,))
+            self._build(normalize_example_inputs(example_inputs))
 
     def _providers(self, device: torch.device):
         if self.requested_providers is not None:
@@ -61,7 +62,6 @@ class OnnxRuntimeModule:
         self.session = self.ort.InferenceSession(str(self.path), sess_options=self.session_options,
                                                  providers=self._providers(device))
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
 
     @property
     def providers(self):
@@ -81,7 +81,7 @@ class OnnxRuntimeModule:
         if device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise InputError(f"inputs are on {device} but the session runs on {self.session.get_providers()}; "
                              "install onnxruntime-gpu (CUDAExecutionProvider) or pass CPU tensors")
-        outputs = run_with_iobinding(self.session, self.input_names, self.output_names, tensors, device)
+        outputs = run_with_iobinding(self.session, tensors, device)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
@@ -92,7 +92,8 @@ _ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float1
                  "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
 
 
-def run_with_iobinding(session, input_names, output_names, tensors, device: torch.device) -> list:
+def run_with_iobinding(session, tensors, device: torch.device) -> list:
+    """The session's outputs for `tensors` (its inputs, in order) as torch tensors on `device`."""
     kind, index = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
     binding = session.io_binding()
     bound = [t.detach().contiguous() for t in tensors]  # kept alive until the run returns

@@ -34,7 +34,7 @@ def test_outputs_with_input_dims_are_preallocated_and_others_come_from_ort(tmp_p
     monkeypatch.setattr(ort_backend, "_to_torch", lambda v, d: fallbacks.append(v) or real_to_torch(v, d))
     x = torch.randn(3, 5)
     x[1, 2] = 0.0
-    y, idx = run_with_iobinding(session, ["x"], ["y", "idx"], [x], torch.device("cpu"))
+    y, idx = run_with_iobinding(session, [x], torch.device("cpu"))
     torch.testing.assert_close(y, 2 * x, rtol=0, atol=0)
     assert torch.equal(idx, torch.stack(torch.nonzero(x, as_tuple=True)))
     assert len(fallbacks) == 1  # only NonZero's output needed ORT's allocation
@@ -43,7 +43,7 @@ def test_outputs_with_input_dims_are_preallocated_and_others_come_from_ort(tmp_p
 def test_non_contiguous_inputs_are_bound_as_their_values(tmp_path):
     session = save(scale_and_nonzero_model(), tmp_path / "m.onnx")
     x = torch.randn(5, 3).t()  # a strided view: its pointer alone would read the wrong elements
-    y, _ = run_with_iobinding(session, ["x"], ["y", "idx"], [x], torch.device("cpu"))
+    y, _ = run_with_iobinding(session, [x], torch.device("cpu"))
     torch.testing.assert_close(y, 2 * x, rtol=0, atol=0)
 
 
@@ -55,7 +55,7 @@ def test_resolve_shape():
 def test_bfloat16_inputs_are_refused_with_the_fix(tmp_path):
     session = save(scale_and_nonzero_model(), tmp_path / "m.onnx")
     with pytest.raises(InputError, match="bfloat16.*float16 or float32"):
-        run_with_iobinding(session, ["x"], ["y", "idx"], [torch.randn(2, 2, dtype=torch.bfloat16)],
+        run_with_iobinding(session, [torch.randn(2, 2, dtype=torch.bfloat16)],
                            torch.device("cpu"))
 
 
