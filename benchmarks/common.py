@@ -79,6 +79,27 @@ def print_table(headers, rows) -> None:
     print(format_table(headers, rows), flush=True)
 
 
+def randomize(module: torch.nn.Module) -> torch.nn.Module:
+    """Random weights (std 0.02, as in training init) in every matrix: speed runs need no trained model."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+    return module
+
+
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """Bytes of all parameters (tied ones once) and of the FFN ones: what a dense decode step reads."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    ffn = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".mlp." in n)
+    return total, ffn
+
+
+def ffn_modules(model) -> dict:
+    """{module path: BambooMLP} of a Bamboo causal LM, as predictors name them."""
+    return {f"model.layers.{i}.mlp": layer.mlp for i, layer in enumerate(model.model.layers)}
+
+
 def forced_k_predictors(mlps: dict, fraction: float, rank: int = 256):
     """Random rank-`rank` predictors for the FFNs in `mlps` ({module path: BambooMLP}) whose threshold lets every
     neuron through and whose cap keeps the top `fraction` of them: a speed run at a chosen k ("forced k"), since

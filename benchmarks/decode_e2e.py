@@ -22,10 +22,13 @@ import bamboo  # noqa: E402
 from bamboo.models import BambooConfig, BambooForCausalLM, pretrained_path  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     device_facts,
+    ffn_modules,
     forced_k_predictors,
     predictor_bytes,
     print_table,
+    randomize,
     read_bandwidth,
+    weight_bytes,
     write_json,
 )
 
@@ -150,14 +153,9 @@ def main():
     else:
         config = BambooConfig.named(args.config)
         with torch.device(device):
-            model = BambooForCausalLM(config).to(torch.bfloat16).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0.0, 0.02)
+            model = randomize(BambooForCausalLM(config)).to(torch.bfloat16).eval()
         model.reset_non_persistent_buffers(device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    ffn_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".mlp." in n)
+    all_bytes, ffn_bytes = weight_bytes(model)
     rows, table = [], []
     for batch in args.batch:
         prompt = torch.randint(3, config.vocab_size, (batch, args.prompt), device=device)
@@ -177,38 +175,37 @@ def main():
 
         with torch.no_grad():
             if "eager" in args.variants:
-                record("dense eager", decode_seconds(model, prompt, args.new, args.repeats), weight_bytes)
+                record("dense eager", decode_seconds(model, prompt, args.new, args.repeats), all_bytes)
             if "compiled" in args.variants:
                 compiled = bamboo.compile(model, sparsity="dense", dynamic=False, **compile_options)
                 seconds = decode_seconds(compiled, prompt, args.new, args.repeats)
                 dense_compiled = batch / seconds
                 record("dense compiled (eager backend)" if args.smoke else "dense torch.compile + CUDA graphs",
-                       seconds, weight_bytes)
+                       seconds, all_bytes)
                 release(compiled)
             if "exact" in args.variants:
                 compiled = bamboo.compile(model, sparsity="exact", dynamic=False, **compile_options)
                 active = exact_active_fraction(model, prompt)
                 record("bamboo exact", decode_seconds(compiled, prompt, args.new, args.repeats),
-                       weight_bytes - ffn_bytes * (2 / 3) * (1 - active),
+                       all_bytes - ffn_bytes * (2 / 3) * (1 - active),
                        f"{'trained' if args.pretrained else 'random'} weights: {active:.0%} of neurons active "
                        "(union over the batch, last prompt token); gate read whole")
                 release(compiled)
             if "predictor" in args.variants:
                 for fraction in args.fractions:
-                    predictors = forced_k_predictors({f"model.layers.{i}.mlp": layer.mlp
-                                                      for i, layer in enumerate(model.model.layers)}, fraction)
+                    predictors = forced_k_predictors(ffn_modules(model), fraction)
                     compiled = bamboo.compile(model, sparsity="predictor", predictors=predictors, dynamic=False,
                                               **compile_options)
                     pred_bytes = predictor_bytes(predictors)
                     record(f"bamboo predictor {fraction:.0%}", decode_seconds(compiled, prompt, args.new, args.repeats),
-                           weight_bytes - ffn_bytes * (1 - fraction) + pred_bytes, "forced k, random predictors")
+                           all_bytes - ffn_bytes * (1 - fraction) + pred_bytes, "forced k, random predictors")
                     release(compiled)
     if "onnxruntime" in args.variants:
         table += onnxruntime_decode_table(args, config, bandwidth, rows)
     print_table(["batch", "variant", "ms/step", "tok/s", "floor tok/s", "of floor", "vs dense compiled", "note"],
                 table)
     data = dict(benchmark="decode_e2e", facts=device_facts(), config=args.config, smoke=args.smoke, prompt=args.prompt,
-                new_tokens=args.new, read_bandwidth=bandwidth, weight_bytes=weight_bytes, rows=rows,
+                new_tokens=args.new, read_bandwidth=bandwidth, weight_bytes=all_bytes, rows=rows,
                 command=" ".join(["python"] + sys.argv))
     write_json(args.json, data)
     if args.plot:

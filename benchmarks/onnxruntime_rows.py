@@ -24,17 +24,20 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bamboo  # noqa: E402
-from bamboo.backends.onnxruntime import OnnxRuntimeModule, run_with_iobinding  # noqa: E402
+from bamboo.backends.onnxruntime import OnnxRuntimeModule  # noqa: E402
 from bamboo.models import BambooConfig, BambooForCausalLM  # noqa: E402
-from bamboo.models.decode_step import BambooDecodeStep  # noqa: E402
+from bamboo.models.decode_step import BambooDecodeStep, greedy_generate_with_step  # noqa: E402
 from bamboo.models.modeling import BambooMLP  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     device_facts,
+    ffn_modules,
     forced_k_predictors,
     median_host_ms,
     predictor_bytes,
     print_table,
+    randomize,
     read_bandwidth,
+    weight_bytes,
     write_json,
 )
 
@@ -46,14 +49,6 @@ class OneFFN(nn.Module):
 
     def forward(self, x):
         return self.mlp(x)
-
-
-def randomize(module: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.02)
-    return module
 
 
 def check_provider(session, device):
@@ -87,8 +82,7 @@ def ffn_rows(config, device, dtype, batches, fractions, reps, workdir, bandwidth
         for label, (module, predictors) in sessions.items():
             out = module(x)
             err = ((out.float() - expected).norm() / expected.norm()).item()
-            ms = median_host_ms(lambda m=module: run_with_iobinding(m.session, m.input_names, m.output_names, [x],
-                                                                    x.device), reps)
+            ms = median_host_ms(lambda m=module: m(x), reps)
             if label == "dense":
                 nbytes, dense_ms = dense_bytes, ms
             elif label == "exact":
@@ -106,11 +100,9 @@ def decode_rows(config, device, dtype, batches, fractions, prompt_len, new_token
     model.reset_non_persistent_buffers(device)
     step = BambooDecodeStep(model)
     total = prompt_len + new_tokens
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    ffn_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".mlp." in n)
-    mlps = {f"model.layers.{i}.mlp": layer.mlp for i, layer in enumerate(model.model.layers)}
+    all_bytes, ffn_bytes = weight_bytes(model)
     modes = [("dense", "dense", None), ("exact", "exact", None)]
-    modes += [(f"predictor {f:.0%}", "predictor", forced_k_predictors(mlps, f)) for f in fractions]
+    modes += [(f"predictor {f:.0%}", "predictor", forced_k_predictors(ffn_modules(model), f)) for f in fractions]
     examples = (torch.randint(3, config.vocab_size, (2, 3), device=device), torch.ones(2, total, dtype=torch.long,
                 device=device), torch.arange(3, device=device)[None].expand(2, 3).contiguous(),
                 torch.arange(3, device=device), *step.empty_cache(2, total))
@@ -123,11 +115,11 @@ def decode_rows(config, device, dtype, batches, fractions, prompt_len, new_token
         for batch in batches:
             ms, tokens = time_decode(module, step, config, batch, prompt_len, new_tokens, device)
             if mode == "dense":
-                nbytes = weight_bytes
+                nbytes = all_bytes
             elif mode == "exact":
-                nbytes = weight_bytes - ffn_bytes / 2  # random weights: ~25% of neurons fire (gate read whole)
+                nbytes = all_bytes - ffn_bytes / 2  # random weights: ~25% of neurons fire (gate read whole)
             else:
-                nbytes = weight_bytes - ffn_bytes * (1 - predictors.meta["forced_k"] / config.intermediate_size) \
+                nbytes = all_bytes - ffn_bytes * (1 - predictors.meta["forced_k"] / config.intermediate_size) \
                     + predictor_bytes(predictors)
             dense = next((r for r in rows if r["batch"] == batch and r["variant"] == "ORT dense"), None)
             rows.append(dict(part=f"decode step ({config.num_hidden_layers} layers)", batch=batch,
@@ -143,27 +135,21 @@ def decode_rows(config, device, dtype, batches, fractions, prompt_len, new_token
 
 
 def time_decode(module, step, config, batch, prompt_len, new_tokens, device):
-    """Median ms of one decode step (greedy, prefill excluded) and the tokens it generated."""
-    total = prompt_len + new_tokens
+    """Median ms of one decode step (greedy, prefill excluded) and the tokens it generated. A step's time runs
+    from its call to the next call's start of ORT work (each call first waits for torch's argmax)."""
     prompt = torch.randint(3, config.vocab_size, (batch, prompt_len), device=device,
                            generator=torch.Generator(device=device).manual_seed(batch))
-    mask = torch.ones(batch, total, dtype=torch.long, device=device)
-    slots = torch.arange(total, device=device)
-    positions = slots[None].expand(batch, total).contiguous()
-    outputs = module(prompt, mask, positions[:, :prompt_len].contiguous(), slots[:prompt_len],
-                     *step.empty_cache(batch, total))
-    tokens, cache = [outputs[0][:, -1].argmax(-1)], list(outputs[1:])
     times = []
-    for t in range(prompt_len, total - 1):
+
+    def timed(*args):
         start = time.perf_counter()
-        outputs = module(tokens[-1][:, None], mask, positions[:, t:t + 1].contiguous(), slots[t:t + 1], *cache)
-        tokens.append(outputs[0][:, -1].argmax(-1))
-        cache = list(outputs[1:])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        outputs = module(*args)
         times.append((time.perf_counter() - start) * 1e3)
-    times = sorted(times[2:])  # the first steps warm ORT's allocator
-    return times[len(times) // 2], torch.stack(tokens, 1).cpu()
+        return outputs
+
+    tokens = greedy_generate_with_step(timed, prompt, new_tokens, step.empty_cache(batch, prompt_len + new_tokens))
+    steps = sorted(times[1 + 2:])  # without the prefill and the first steps, which warm ORT's allocator
+    return steps[len(steps) // 2], tokens[:, prompt_len:].cpu()
 
 
 def main():

@@ -37,9 +37,8 @@ class BambooDecodeStep(nn.Module):
         return self.model.base_model.layers
 
     def empty_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> list[torch.Tensor]:
-        config = self.model.config
         param = next(self.model.parameters())
-        shape = (batch_size, config.num_key_value_heads, max_seq_len, config.resolved_head_dim)
+        shape = self.model.kv_cache_shape(batch_size, max_seq_len)
         return [torch.zeros(shape, dtype=dtype or param.dtype, device=device or param.device)
                 for _ in range(2 * len(self.layers))]
 

@@ -180,9 +180,8 @@ class BambooPreTrainedModel(nn.Module):
         """Allocate a static KV cache in every attention layer (kept out of the state dict). A cache of the same
         shape, dtype and device is reused (zeroed), so compiled code and CUDA graphs keep their buffers."""
         param = next(self.parameters())
-        config = self.config
         dtype, device = dtype or param.dtype, torch.device(device or param.device)
-        shape = (batch_size, config.num_key_value_heads, max_seq_len, config.resolved_head_dim)
+        shape = self.kv_cache_shape(batch_size, max_seq_len)
         for layer in self.base_model.layers:
             cache = layer.self_attn.kv_cache
             if (cache is not None and tuple(cache.k_cache.shape) == shape and cache.k_cache.dtype == dtype
@@ -191,6 +190,10 @@ class BambooPreTrainedModel(nn.Module):
                 cache.v_cache.zero_()
             else:
                 layer.self_attn.kv_cache = StaticKVCache(*shape[:2], max_seq_len, shape[3], dtype, device)
+
+    def kv_cache_shape(self, batch_size: int, max_seq_len: int) -> tuple[int, int, int, int]:
+        """[batch, kv_heads, slots, head_dim]: one layer's keys (or values)."""
+        return batch_size, self.config.num_key_value_heads, max_seq_len, self.config.resolved_head_dim
 
     def clear_cache(self) -> None:
         for layer in self.base_model.layers:
