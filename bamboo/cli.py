@@ -112,13 +112,8 @@ def _cmd_export_onnx(args) -> int:
     if args.decode_step:
         from bamboo.models.decode_step import BambooDecodeStep
 
-        step = BambooDecodeStep(model)
-        import torch
-
-        cache = step.empty_cache(2, args.max_seq_len)
-        examples = (_example_ids(2, 3), torch.ones(2, args.max_seq_len, dtype=torch.long),
-                    torch.arange(3)[None].expand(2, 3).contiguous(), torch.arange(3), *cache)
-        target = step
+        target = BambooDecodeStep(model)
+        examples = target.example_inputs(args.max_seq_len)
     else:
         examples, target = (_example_ids(2, 8),), model
     path = bamboo.export_onnx(target, examples, args.out, sparsity=args.sparsity, predictors=args.predictors)

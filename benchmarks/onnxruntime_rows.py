@@ -99,13 +99,10 @@ def decode_rows(config, device, dtype, batches, fractions, prompt_len, new_token
     model = randomize(BambooForCausalLM(config)).to(device=device, dtype=dtype).eval()
     model.reset_non_persistent_buffers(device)
     step = BambooDecodeStep(model)
-    total = prompt_len + new_tokens
     all_bytes, ffn_bytes = weight_bytes(model)
     modes = [("dense", "dense", None), ("exact", "exact", None)]
     modes += [(f"predictor {f:.0%}", "predictor", forced_k_predictors(ffn_modules(model), f)) for f in fractions]
-    examples = (torch.randint(3, config.vocab_size, (2, 3), device=device), torch.ones(2, total, dtype=torch.long,
-                device=device), torch.arange(3, device=device)[None].expand(2, 3).contiguous(),
-                torch.arange(3, device=device), *step.empty_cache(2, total))
+    examples = step.example_inputs(prompt_len + new_tokens)
     rows = []
     for label, mode, predictors in modes:
         module = OnnxRuntimeModule(step, sparsity=mode, predictors=predictors,

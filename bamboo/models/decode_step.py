@@ -42,6 +42,16 @@ class BambooDecodeStep(nn.Module):
         return [torch.zeros(shape, dtype=dtype or param.dtype, device=device or param.device)
                 for _ in range(2 * len(self.layers))]
 
+    def example_inputs(self, max_seq_len: int, batch_size: int = 2, prompt_len: int = 3) -> tuple:
+        """Example inputs for exporting the step: a prefill of `prompt_len` tokens into an empty cache of
+        `max_seq_len` slots (batch and prompt of at least 2 keep those dims dynamic in the export)."""
+        device = next(self.model.parameters()).device
+        slots = torch.arange(prompt_len, device=device)
+        ids = torch.randint(3, self.model.config.vocab_size, (batch_size, prompt_len), device=device)
+        mask = torch.ones(batch_size, max_seq_len, dtype=torch.long, device=device)
+        return (ids, mask, slots[None].expand(batch_size, prompt_len).contiguous(), slots,
+                *self.empty_cache(batch_size, max_seq_len))
+
     def forward(self, input_ids, attention_mask, position_ids, cache_position, *cache):
         layers = self.layers
         if len(cache) != 2 * len(layers):

@@ -66,9 +66,8 @@ def test_decode_step_with_kv_cache_reproduces_generated_tokens(model, tmp_path, 
     # every output (logits and the new cache) has input-named dims: bound into torch tensors allocated up front
     monkeypatch.setattr("bamboo.backends.onnxruntime._to_torch", lambda *a: pytest.fail("an output needed ORT's allocation"))
     step = BambooDecodeStep(model)
-    cache = step.empty_cache(2, 24)
-    examples = (torch.randint(0, 512, (2, 3)), torch.ones(2, 24, dtype=torch.long),
-                torch.arange(3)[None].expand(2, 3).contiguous(), torch.arange(3), *cache)
+    examples = step.example_inputs(24)
+    cache = list(examples[4:])  # empty
     onnx_step = OnnxRuntimeModule(step, sparsity="exact", path=tmp_path / "step.onnx", example_inputs=examples)
     names = [i.name for i in onnx_step.session.get_inputs()]
     assert len(names) == 4 + 4 and len(onnx_step.session.get_outputs()) == 1 + 4
@@ -82,9 +81,8 @@ def test_predictor_mode_decode_step_reproduces_the_compiled_model_tokens(model, 
     # the step wraps the model, so its FFNs sit under "model.model.layers.i.mlp": the predictors still match
     predictors = random_predictors(model, threshold=0.3, top_k=100)
     step = BambooDecodeStep(model)
-    cache = step.empty_cache(2, 24)
-    examples = (torch.randint(0, 512, (2, 3)), torch.ones(2, 24, dtype=torch.long),
-                torch.arange(3)[None].expand(2, 3).contiguous(), torch.arange(3), *cache)
+    examples = step.example_inputs(24)
+    cache = list(examples[4:])  # empty
     onnx_step = OnnxRuntimeModule(step, sparsity="predictor", predictors=predictors, path=tmp_path / "step.onnx",
                                   example_inputs=examples)
     assert "TopK" in op_types(tmp_path / "step.onnx")
