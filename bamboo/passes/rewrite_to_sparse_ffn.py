@@ -21,16 +21,19 @@ def _as_out_in(graph: fx.Graph, weight: fx.Node, layout: str, like: fx.Node) -> 
     return node
 
 
-def rewrite_site(graph: fx.Graph, site: FFNSite, mode: str) -> fx.Node:
+def rewrite_site(graph: fx.Graph, site: FFNSite, mode: str, replaced: dict | None = None) -> fx.Node:
+    """`replaced`: down outputs already rewritten -> their fused node (an FFN fed by another FFN's output,
+    `f(f(x))`, was matched against the node the first rewrite removed)."""
     m = site.match
     out = m.down.output
+    x = (replaced or {}).get(m.x, m.x)
     with graph.inserting_before(out):
         gate_w = _as_out_in(graph, m.gate.weight, m.gate.layout, out)
         up_w = _as_out_in(graph, m.up.weight, m.up.layout, out) if m.up else None
         # A down weight stored [intermediate, out] is already neuron-major.
         down_w, down_nm = (m.down.weight, None) if m.down.layout == "out_in" else (None, m.down.weight)
         # Predictor tensors and scalars are filled in by AttachPredictors; until then the site runs exact.
-        args = (m.x, gate_w, m.gate.bias, up_w, m.up.bias if m.up else None, down_w, down_nm, m.down.bias,
+        args = (x, gate_w, m.gate.bias, up_w, m.up.bias if m.up else None, down_w, down_nm, m.down.bias,
                 None, None, None, site.kind, "exact" if mode == "predictor" else mode, site.up_act, 0.0, 0)
         fused = graph.call_function(SPARSE_FFN, args)
     fused.meta.update({k: v for k, v in out.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
@@ -50,8 +53,9 @@ class RewriteToSparseFFN(GraphPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         report = detect_ffn_sites(gm.graph)
+        replaced: dict = {}
         for site in report.sites:
-            rewrite_site(gm.graph, site, self.mode)
+            replaced[site.match.down.output] = rewrite_site(gm.graph, site, self.mode, replaced)
         return PassResult(gm, bool(report.sites), {
             "rewritten": len(report.sites),
             "sites": report.sites,
