@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,7 +20,8 @@ from bamboo.graph.capture import (
     placeholder_constants,
 )
 from bamboo.graph.site_table import SiteTable, describe_rejections
-from bamboo.passes import PassManager, default_passes, detect_ffn_sites
+from bamboo.ops.bound_weights import register_predictor_table, unregister_predictor_table
+from bamboo.passes import PassManager, default_passes, detect_ffn_sites, dynamo_passes
 
 SPARSITY_MODES = ("exact", "dense", "predictor")
 log = logging.getLogger("bamboo.compile")
@@ -62,8 +64,11 @@ def _model_name(model) -> str:
 
 
 def make_dynamo_backend(backend: str, sparsity: str, report: CompileReport, name: str, dump_dir=None,
-                        predictors=None, **backend_options):
-    """A torch.compile backend: run the passes on the captured graph, then hand it to the bamboo backend."""
+                        binder=None, table: int = 0, **backend_options):
+    """A torch.compile backend: run the passes on the captured graph, then hand it to the bamboo backend.
+
+    A graph Dynamo hands over may later run for other layers (parameters are its inputs, unguarded), so the
+    passes store nothing layer-specific in it (bamboo/ops/bound_weights.py)."""
     lowering = get_backend(backend, **backend_options)
 
     def bamboo_backend(gm: fx.GraphModule, example_inputs: list):
@@ -77,19 +82,49 @@ def make_dynamo_backend(backend: str, sparsity: str, report: CompileReport, name
         if sparsity == "dense":
             return lowering.compile_graph(gm, example_inputs)
         constants = placeholder_constants(gm, example_inputs)
-        manager = PassManager(default_passes(sparsity, constants, store_weights_as="input", predictors=predictors),
-                              dump_dir=dump_dir)
+        manager = PassManager(dynamo_passes(sparsity, binder, table, constants), dump_dir=dump_dir)
         result = manager(copy_graph_module(gm))
         rewrite = result.stats.get("RewriteToSparseFFN", {})
         report.graphs.append({**rewrite, "history": manager.history})
         if not report.sites:
             warnings.warn(f"bamboo.compile: no ReLU-sparse FFN found in {name}; it runs unchanged (dense). "
                           + describe_rejections(rewrite.get("rejected", [])), stacklevel=2)
-        extra = [t for record in manager.history for t in record.stats.get("extra_inputs", [])]
-        compiled = lowering.compile_graph(result.graph_module, list(example_inputs) + extra)
-        return append_inputs(compiled, extra)
+        return lowering.compile_graph(result.graph_module, list(example_inputs))
 
     return bamboo_backend
+
+
+def _bind_predictors(model, predictors):
+    """A PredictorBinder for `predictors`, with every gate weight of `model` matched up front (the table built
+    at compile time over the model's FFNs): another model's predictors are refused before the first call, and
+    predictors that match no weight of the model are named."""
+    from bamboo.calibrate.predictors import PredictorBinder
+    from bamboo.errors import InputError
+
+    binder = PredictorBinder(predictors)
+    if not isinstance(model, torch.nn.Module):
+        return binder
+    shapes = {(p.w_out.shape[0], p.w_in.shape[1]) for p in predictors.values()}
+    matched = set()
+    for weight in list(model.parameters()) + list(model.buffers()):
+        if weight.dim() != 2:
+            continue
+        for gate in (weight, weight.t()):  # a gate stored [in, out] (x @ W) reaches the op transposed
+            if tuple(gate.shape) in shapes:
+                try:
+                    matched.add(binder.find(gate).module)
+                    binder(gate)  # keep the match for the first call
+                except InputError:
+                    pass  # an up weight, or another matrix of the same shape
+    if predictors and not matched:
+        raise InputError(f"none of the {len(predictors)} predictors fits a gate weight of {_model_name(model)}: "
+                         "they belong to another model (or to weights changed since calibration); run "
+                         "`bamboo calibrate` for this one")
+    missing = sorted(set(predictors) - matched)
+    if missing:
+        warnings.warn(f"bamboo.compile: {len(missing)} predictor(s) match no gate weight of {_model_name(model)} "
+                      f"({missing[:4]}); FFNs whose gate matches none stop with an error", stacklevel=3)
+    return binder
 
 
 def _raise_recompile_limit(minimum: int = 64) -> None:
@@ -123,17 +158,6 @@ def _surface_bamboo_errors(compiled_fn):
     return run
 
 
-def append_inputs(compiled, extra: list):
-    """Call `compiled` with the tensors the passes added as trailing graph inputs (the neuron-major weights)."""
-    if not extra:
-        return compiled
-
-    def run(*args):  # Dynamo calls a backend's result with positional args, Inductor's included
-        return compiled(*args, *extra)
-
-    return run
-
-
 def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictors=None,
             dynamic: Optional[bool] = None, fullgraph: bool = False, dump_dir=None, **backend_options):
     """A module with `model`'s call signature whose FFNs run as bamboo::sparse_ffn.
@@ -141,8 +165,11 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
     For an nn.Module the result is a shallow copy sharing the parameters, with forward compiled, so its other
     methods (the Bamboo model's generate) go through the compiled forward; `model` itself is not changed.
     Compilation happens lazily at the first call (per input shape); `result.bamboo_report` says what matched.
-    Weights are read at compile time: compile after loading them. sparsity="predictor" takes `predictors`
-    (from bamboo.calibrate, or a saved file); they are checked against the model's weights.
+    Nothing computed from the weights is baked into a compiled graph: the op reads the weights of each call
+    (and keeps a neuron-major copy of each down weight while it is unchanged), so a graph that Dynamo reuses
+    for another layer reads that layer's weights, and weights loaded after compiling are used.
+    sparsity="predictor" takes `predictors` (from bamboo.calibrate, or a saved file); each is bound to the gate
+    weight it was calibrated for (by fingerprint), and another model's predictors are refused.
     """
     predictors = _check_sparsity(sparsity, predictors)
     if backend == "onnxruntime":
@@ -153,21 +180,25 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
         from bamboo.backends.tensorrt import TensorRTModule
 
         return TensorRTModule(model, sparsity=sparsity, predictors=predictors, **backend_options)
+    if not (isinstance(model, torch.nn.Module) or callable(model)):
+        raise InputError(f"bamboo.compile needs an nn.Module or a callable, got {type(model).__name__}")
     _raise_recompile_limit()
     report = CompileReport()
-    dynamo_backend = make_dynamo_backend(backend, sparsity, report, _model_name(model), dump_dir, predictors,
+    binder = _bind_predictors(model, predictors) if predictors is not None else None
+    table = register_predictor_table(binder) if binder is not None else 0
+    dynamo_backend = make_dynamo_backend(backend, sparsity, report, _model_name(model), dump_dir, binder, table,
                                          **backend_options)
     if isinstance(model, torch.nn.Module):
         compiled = copy.copy(model)
         compiled.forward = _surface_bamboo_errors(
             torch.compile(model.forward, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph))
-        compiled.bamboo_report = report
-        return compiled
-    if callable(model):
-        fn = _surface_bamboo_errors(torch.compile(model, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph))
-        fn.bamboo_report = report
-        return fn
-    raise InputError(f"bamboo.compile needs an nn.Module or a callable, got {type(model).__name__}")
+    else:
+        compiled = _surface_bamboo_errors(torch.compile(model, backend=dynamo_backend, dynamic=dynamic,
+                                                        fullgraph=fullgraph))
+    compiled.bamboo_report = report
+    if table:  # the predictor table lives as long as the compiled model
+        weakref.finalize(compiled, unregister_predictor_table, table)
+    return compiled
 
 
 def inspect(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict] = None,
@@ -219,8 +250,10 @@ def export(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict
     if sparsity == "dense":
         return program
     gm = program.module()
-    result = PassManager(default_passes(sparsity, keep_original_weights=False, predictors=predictors),
-                         dump_dir=dump_dir)(gm)
+    from bamboo.calibrate.predictors import PredictorBinder
+
+    binder = PredictorBinder(predictors) if predictors is not None else None
+    result = PassManager(default_passes(sparsity, binder), dump_dir=dump_dir)(gm)
     gm = result.graph_module
     rewrite = result.stats.get("RewriteToSparseFFN", {})
     if not rewrite.get("rewritten"):

@@ -47,7 +47,8 @@ def register_sparse_ffn_converter() -> None:
     from torch_tensorrt.dynamo.conversion.converter_utils import get_trt_tensor
 
     names = ("x", "gate_weight", "gate_bias", "up_weight", "up_bias", "down_weight", "down_weight_nm", "down_bias",
-             "predictor_in", "predictor_out", "predictor_bias", "kind", "mode", "up_act", "threshold", "top_k")
+             "predictor_in", "predictor_out", "predictor_bias", "kind", "mode", "up_act", "threshold", "top_k",
+             "predictor_table")
 
     @dynamo_tensorrt_converter(torch.ops.bamboo.sparse_ffn.default, supports_dynamic_shapes=True)
     def convert_sparse_ffn(ctx, target, args, kwargs, name):

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bamboo.errors import InputError
+from bamboo.ops.bound_weights import BoundPredictor, WeightMemo
 
 FORMAT = "bamboo-predictors-v1"
 
@@ -138,3 +139,45 @@ class Predictors(dict):
         mean = lambda key: sum(s.get(key, 0.0) for s in stats) / max(len(stats), 1)  # noqa: E731
         return {"recall": mean("recall"), "precision": mean("precision"), "density": mean("density"),
                 "true_density": mean("true_density")}
+
+
+class PredictorBinder:
+    """Binds predictors to the gate weights they were calibrated for, by fingerprint: what a compiled graph
+    serving several layers needs, since the gate weight passed in is the only thing that says which layer is
+    running (bamboo/ops/bound_weights.py). Each gate weight is fingerprinted once (the match is kept while the
+    weight lives unchanged) and its predictor cast to the weight's dtype and device."""
+
+    def __init__(self, predictors: Predictors):
+        self.predictors = predictors
+        self.by_fingerprint: dict[str, list[LayerPredictor]] = {}
+        for p in predictors.values():
+            self.by_fingerprint.setdefault(p.fingerprint, []).append(p)
+        self._memo = WeightMemo(cache_unversioned=True)
+
+    def find(self, gate_weight: torch.Tensor, module: str | None = None) -> LayerPredictor:
+        """The predictor calibrated for this gate weight; `module` (the FFN's path, when known) settles the
+        case of one gate weight shared by several FFNs."""
+        shape = tuple(gate_weight.shape)
+        fp = fingerprint(gate_weight)
+        matches = [p for p in self.by_fingerprint.get(fp, []) if (p.w_out.shape[0], p.w_in.shape[1]) == shape]
+        where = f"the FFN at {module!r}" if module else f"an FFN with a gate weight of shape {list(shape)}"
+        if not matches:
+            raise InputError(f"no predictor was calibrated for {where} (gate fingerprint {fp}; the predictors cover "
+                             f"{sorted(self.predictors)[:4]}...): these predictors belong to another model or to "
+                             "other weights; run `bamboo calibrate` for this one")
+        if len(matches) > 1 and module is not None:
+            named = [p for p in matches if p.module == module or module.endswith("." + p.module)]
+            matches = named or matches
+        if len(matches) > 1:
+            raise InputError(f"predictors for {[p.module for p in matches]} were all calibrated for one shared gate "
+                             f"weight, so a compiled graph cannot tell which applies to {where}; calibrate FFNs "
+                             "with shared weights as one, or export the model (bamboo.export keeps each site's own)")
+        return matches[0]
+
+    def __call__(self, gate_weight: torch.Tensor, module: str | None = None) -> BoundPredictor:
+        def bind(weight):
+            p = self.find(weight, module)
+            move = lambda t: t.detach().to(dtype=weight.dtype, device=weight.device).contiguous()  # noqa: E731
+            return BoundPredictor(move(p.w_in), move(p.w_out), move(p.bias), float(p.threshold), int(p.top_k))
+
+        return self._memo.get(gate_weight, bind, (str(gate_weight.device), module))

@@ -1,4 +1,5 @@
-"""Tensors a pass computes at compile time (a neuron-major weight, a predictor) and the weights it reads."""
+"""The weights a pass reads, and tensors it stores in an exported program (a neuron-major weight, a
+predictor). Dynamo graphs get no stored tensors: one graph may serve several layers (ops/bound_weights.py)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,7 +11,7 @@ from bamboo.graph.node_ops import set_meta_value
 
 
 def constant_value(gm: fx.GraphModule, node: fx.Node, constants: dict) -> Optional[torch.Tensor]:
-    """The tensor behind a weight node: a module attribute (get_attr) or a known constant input (placeholder)."""
+    """The tensor behind a weight node: a module attribute (get_attr) or a known example input (placeholder)."""
     if not isinstance(node, fx.Node):
         return None
     if node.op == "get_attr":
@@ -34,34 +35,11 @@ def fake_like(graph: fx.Graph, real: torch.Tensor):
     return real
 
 
-class ConstantStore:
-    """Adds compile-time tensors to a graph module.
-
-    store_as="buffer": registered buffers read through get_attr (export: they land in the state dict).
-    store_as="input": new trailing placeholders; `extra_inputs` lists the tensors the caller must append to
-    every call (Dynamo graphs: AOTAutograd accepts no buffers but those Dynamo lifted itself).
-    """
-
-    def __init__(self, gm: fx.GraphModule, store_as: str = "buffer"):
-        if store_as not in ("buffer", "input"):
-            raise ValueError(f"store_as must be 'buffer' or 'input', got {store_as!r}")
-        self.gm, self.store_as = gm, store_as
-        self.extra_inputs: list[torch.Tensor] = []
-
-    def add(self, name: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
-        graph = self.gm.graph
-        if self.store_as == "buffer":
-            self.gm.register_buffer(name, tensor, persistent=True)
-            with graph.inserting_before(before):
-                node = graph.get_attr(name)
-        else:
-            placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-            anchor = graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(None)
-            with anchor:
-                node = graph.placeholder(name)
-            # no user source, and static: the same tensor comes with every call (CUDA graphs keep its address)
-            node._dynamo_source = None
-            node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
-            self.extra_inputs.append(tensor)
-        set_meta_value(node, fake_like(graph, tensor), before)
-        return node
+def add_buffer(gm: fx.GraphModule, name: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register `tensor` as a persistent buffer of `gm` (it lands in the exported state dict) and read it
+    through a get_attr node placed before `before`."""
+    gm.register_buffer(name, tensor, persistent=True)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    set_meta_value(node, fake_like(gm.graph, tensor), before)
+    return node

@@ -2,9 +2,10 @@
 
 Three launches, no host synchronisation (so a decode step can be captured in a CUDA graph):
 
-1. `gate_compact`   the dense gate GEMV over all neurons, fused with the zero test (a neuron is active when
-                    relu(gate) > 0 for any row) and the compaction of active neuron ids through an atomic
-                    counter. Exact mode only; predictor mode passes its own id list instead.
+1. `gate_compact`   the dense gate GEMV over all neurons, fused with the zero test (a neuron is skipped only
+                    when -inf < gate <= 0 for every row: NaN and -inf stay, as in bamboo/ops) and the
+                    compaction of active neuron ids through an atomic counter. Exact mode only; predictor mode
+                    passes its own id list instead.
 2. `gather_up`      one program per block of selected ids (the grid is sized for the worst case; programs past
                     the device-side count exit at once): gathers the gate rows (predictor mode) and up rows and
                     writes h = relu(gate) * act(up) for the selected neurons.
@@ -37,9 +38,15 @@ BLOCK_M = 16  # rows are padded to 16 so tl.dot can use the tensor cores; the ex
 
 
 @triton.jit
+def _relu(u):
+    """relu that keeps NaN (tl.maximum's default returns the non-NaN operand, turning NaN into 0)."""
+    return tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _activation(u, ACT: tl.constexpr):
     if ACT == 1:
-        u = tl.maximum(u, 0.0)
+        u = _relu(u)
     elif ACT == 2:
         u = u * tl.sigmoid(u)
     elif ACT == 3:
@@ -69,10 +76,12 @@ def _gate_compact_kernel(x_ptr, w_ptr, b_ptr, gate_ptr, idx_ptr, count_ptr, thre
                          stride_xm, stride_wn, stride_wk, stride_gm,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, COMPACT: tl.constexpr, IEEE: tl.constexpr,
-                         UPCAST: tl.constexpr, RELU_INPUT: tl.constexpr, STORE: tl.constexpr):
-    """scores = x @ w.T (+ b) for a block of neurons; a neuron is selected when its score exceeds `threshold`
-    for any row. Exact mode: w is the gate, threshold 0, scores stored for the next kernel. Predictor mode:
-    x is the predictor's first layer output (relu applied on load), w its second layer."""
+                         UPCAST: tl.constexpr, RELU_INPUT: tl.constexpr, STORE: tl.constexpr,
+                         EXACT: tl.constexpr):
+    """scores = x @ w.T (+ b) for a block of neurons. EXACT (w is the gate, scores stored for the next
+    kernel): a neuron is selected unless -inf < score <= 0 in every row. Otherwise (predictor mode: x is the
+    predictor's first layer output, relu applied on load, w its second layer) a neuron is selected when its
+    score exceeds `threshold` or is NaN for some row."""
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -85,7 +94,7 @@ def _gate_compact_kernel(x_ptr, w_ptr, b_ptr, gate_ptr, idx_ptr, count_ptr, thre
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if RELU_INPUT:  # keep the operand dtype: tl.dot wants both sides alike
-            x = tl.maximum(x, 0.0).to(x_ptr.dtype.element_ty)
+            x = _relu(x).to(x_ptr.dtype.element_ty)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc += _dot(x, tl.trans(w), IEEE, UPCAST)
@@ -94,7 +103,11 @@ def _gate_compact_kernel(x_ptr, w_ptr, b_ptr, gate_ptr, idx_ptr, count_ptr, thre
     if STORE:
         tl.store(gate_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], acc,
                  mask=m_mask[:, None] & n_mask[None, :])
-    active = tl.max(tl.where(m_mask[:, None] & (acc > threshold), 1, 0), axis=0)
+    if EXACT:
+        keep = ~((acc <= 0.0) & (acc > float("-inf")))
+    else:
+        keep = (acc > threshold) | (acc != acc)
+    active = tl.max(tl.where(m_mask[:, None] & keep, 1, 0), axis=0)
     active = tl.where(n_mask, active, 0)
     if COMPACT:
         base = tl.atomic_add(count_ptr, tl.sum(active, axis=0))
@@ -144,7 +157,7 @@ def _gather_up_kernel(x_ptr, gw_ptr, gb_ptr, gate_ptr, uw_ptr, ub_ptr, idx_ptr, 
             g = tl.load(gate_ptr + offs_m[:, None] * stride_gm + neuron[None, :],
                         mask=m_mask[:, None] & j_mask[None, :], other=0.0)
         # Round as the dense FFN does (each linear's output is in the weights' dtype), then multiply.
-        h = tl.maximum(g.to(h_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        h = _relu(g.to(h_ptr.dtype.element_ty).to(tl.float32))
         if HAS_UP:
             if HAS_UP_BIAS:
                 u += tl.load(ub_ptr + neuron, mask=j_mask, other=0.0).to(tl.float32)[None, :]
@@ -190,7 +203,8 @@ def supports(x: torch.Tensor, up_act: str) -> bool:
     return x.dtype in (torch.float16, torch.bfloat16, torch.float32) and up_act in ACT_CODES
 
 
-def _compact(x, weight, bias, threshold, store, relu_input, deterministic, gate_block, block_k, num_warps):
+def _compact(x, weight, bias, threshold, store, relu_input, deterministic, gate_block, block_k, num_warps,
+             exact=False):
     """Launch the scoring + compaction kernel: (scores or None, ids int32 [n], count int32 [1])."""
     rows = x.shape[0]
     n, k_dim = weight.shape
@@ -207,7 +221,7 @@ def _compact(x, weight, bias, threshold, store, relu_input, deterministic, gate_
         x.stride(0), weight.stride(0), weight.stride(1), scores.stride(0) if store else 0,
         HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=gate_block, BLOCK_K=block_k,
         COMPACT=not deterministic, IEEE=x.dtype == torch.float32, UPCAST=_upcast(x), RELU_INPUT=relu_input,
-        STORE=store, num_warps=num_warps)
+        STORE=store, EXACT=exact, num_warps=num_warps)
     if deterministic:  # ids holds the selected flags: compact them in neuron order
         active = ids.bool()
         count = active.sum(dtype=torch.int32).reshape(1)
@@ -258,7 +272,7 @@ def triton_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_rows, 
     if neuron_ids is None:
         gate, ids, count = _compact(x, gate_weight, gate_bias, 0.0, store=True, relu_input=False,
                                     deterministic=deterministic, gate_block=gate_block, block_k=block_k,
-                                    num_warps=num_warps)
+                                    num_warps=num_warps, exact=True)
         capacity, gather_gate = intermediate, False
     else:
         ids = neuron_ids.to(device=device, dtype=torch.int32).contiguous()

@@ -10,11 +10,20 @@ layout) and/or `down_weight_nm` ([intermediate, out], neuron-major: one contiguo
 sparse path reads). When both are given they hold the same values; gradients go to `down_weight`.
 
 mode="exact": compute the gate densely, then the up rows and down rows only of neurons whose product can be
-nonzero (union over all rows of the batch). Nothing is approximated. mode="dense": the plain FFN.
+nonzero (union over all rows of the batch). Nothing is approximated: a neuron is skipped only when its gate
+pre-activation is provably non-positive and finite, `-inf < gate <= 0`, for every row. NaN fails that test,
+so NaN propagates as in the dense FFN; an infinite input makes every gate infinite or NaN, so every neuron
+is computed and inf/NaN come out exactly as dense (where relu(gate) = 0 meets an infinite up, 0 * inf = NaN).
+mode="dense": the plain FFN.
 mode="predictor": a low-rank predictor scores each neuron, s = relu(x P_in^T) P_out^T + b; the neurons whose
-score exceeds `threshold` for any row are computed (gate, up and down rows), all others are taken as zero;
-`top_k` > 0 caps how many are kept (the reference keeps the best-scored; the GPU kernel any top_k of them).
-The output shape always equals the dense FFN's: selection happens inside the op.
+score exceeds `threshold` for any row are computed (gate, up and down rows), all others are taken as zero; a
+NaN score counts as +inf (selected), so a NaN input still yields NaN. `top_k` > 0 caps how many are kept: the
+top_k best by score, ties by neuron index. The output shape always equals the dense FFN's: selection happens
+inside the op.
+
+Compiled graphs may serve several layers (see ops/bound_weights.py): the op derives the neuron-major down
+rows from the weight passed in, and with `predictor_table` > 0 takes the predictor, threshold and cap bound
+to the gate weight passed in (the tensor arguments and the scalars are then ignored).
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ from torch import Tensor
 
 from bamboo.errors import InputError
 from bamboo.ops import activations
+from bamboo.ops.bound_weights import bound_predictor, neuron_major_rows
 
 KINDS = ("drelu", "reglu", "relu_mlp")
 # Predictor mode selects neurons for calls of at most this many rows (decode); larger calls (prefill) are
@@ -77,7 +87,7 @@ def out_features(down_weight: Optional[Tensor], down_weight_nm: Optional[Tensor]
 
 
 def check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act,
-                    predictor_in=None, predictor_out=None) -> None:
+                    predictor_in=None, predictor_out=None, predictor_table: int = 0) -> None:
     if kind not in KINDS:
         raise InputError(f"sparse_ffn kind must be one of {KINDS}, got {kind!r}")
     if mode not in MODES:
@@ -103,7 +113,7 @@ def check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind
         raise InputError(f"sparse_ffn: down_weight {tuple(down_weight.shape)} does not take {intermediate} inputs")
     if down_weight_nm is not None and down_weight_nm.shape[0] != intermediate:
         raise InputError(f"sparse_ffn: down_weight_nm {tuple(down_weight_nm.shape)} does not have {intermediate} rows")
-    if mode == "predictor":
+    if mode == "predictor" and not predictor_table:
         if predictor_in is None or predictor_out is None:
             raise InputError("sparse_ffn mode='predictor' needs predictor_in and predictor_out (from bamboo.calibrate)")
         if predictor_in.shape[1] != hidden or predictor_out.shape != (intermediate, predictor_in.shape[0]):
@@ -115,11 +125,28 @@ def check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind
 # -- the dense formula (also used by the backward) -------------------------------------------------------------
 
 def _down_rows(down_weight, down_weight_nm, index=None) -> Tensor:
-    """Down projection as [neurons, out] rows, optionally only the neurons in `index`."""
+    """Down projection as [neurons, out] rows, optionally only the neurons in `index` (read from the
+    neuron-major form bound to the weight passed in, so only those rows are touched)."""
+    if index is None:
+        return down_weight_nm if down_weight_nm is not None else down_weight.t()
     if down_weight_nm is not None:
-        return down_weight_nm if index is None else down_weight_nm.index_select(0, index)
-    w = down_weight if index is None else down_weight.index_select(1, index)
-    return w.t()
+        return down_weight_nm.index_select(0, index)
+    return neuron_major_rows(down_weight).index_select(0, index)
+
+
+def exact_active(gate_pre: Tensor) -> Tensor:
+    """[rows, intermediate] -> [intermediate] bool: neurons exact mode must compute. Skipped only when
+    -inf < gate <= 0 in every row (NaN and -inf are kept: see the module docstring)."""
+    skip = (gate_pre <= 0) & (gate_pre > float("-inf"))
+    return (~skip).any(0)
+
+
+def resolve_predictor(gate_weight, predictor_in, predictor_out, predictor_bias, threshold, top_k, predictor_table):
+    """The predictor tensors and scalars a call uses: its own arguments, or those bound to its gate weight."""
+    if not predictor_table:
+        return predictor_in, predictor_out, predictor_bias, threshold, top_k
+    bound = bound_predictor(predictor_table, gate_weight)
+    return bound.w_in, bound.w_out, bound.bias, bound.threshold, bound.top_k
 
 
 def _nbytes(t: Optional[Tensor], rows: Optional[int] = None) -> int:
@@ -136,27 +163,36 @@ def predictor_scores(x2, predictor_in, predictor_out, predictor_bias) -> Tensor:
     return scores + predictor_bias.float() if predictor_bias is not None else scores
 
 
-def predictor_selection(x2, predictor_in, predictor_out, predictor_bias, threshold: float, top_k: int) -> Tensor:
-    """Ids of the neurons predictor mode computes (union over rows), at most top_k (the best-scored) if > 0."""
+def best_scores(x2, predictor_in, predictor_out, predictor_bias) -> Tensor:
+    """Each neuron's largest score over the rows, NaN counted as +inf (a NaN input must select, not drop)."""
     best = predictor_scores(x2, predictor_in, predictor_out, predictor_bias).amax(0)
+    return torch.nan_to_num(best, nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+
+
+def predictor_selection(x2, predictor_in, predictor_out, predictor_bias, threshold: float, top_k: int) -> Tensor:
+    """Ids of the neurons predictor mode computes (union over rows), ascending; with top_k > 0, the top_k
+    best-scored of them, ties by neuron index (a stable sort), so every backend keeps the same set."""
+    best = best_scores(x2, predictor_in, predictor_out, predictor_bias)
     chosen = (best > threshold).nonzero().squeeze(1)
     if 0 < top_k < chosen.numel():
-        chosen = chosen.index_select(0, best.index_select(0, chosen).topk(top_k).indices)
+        order = torch.sort(best.index_select(0, chosen), descending=True, stable=True).indices[:top_k]
+        chosen = chosen.index_select(0, order).sort().values
     return chosen
 
 
 def reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias,
                          predictor_in=None, predictor_out=None, predictor_bias=None, kind="drelu", mode="exact",
-                         up_act="relu", threshold: float = 0.0, top_k: int = 0) -> Tensor:
+                         up_act="relu", threshold: float = 0.0, top_k: int = 0, predictor_table: int = 0) -> Tensor:
     """The op's meaning in plain torch (arguments in the op's order)."""
     check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act, predictor_in,
-                    predictor_out)
+                    predictor_out, predictor_table)
     lead, hidden = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, hidden)
     intermediate = gate_weight.shape[0]
     down_bytes = _nbytes(down_weight if down_weight_nm is None else down_weight_nm)
     dense_bytes = _nbytes(gate_weight) + _nbytes(up_weight) + down_bytes
-    gate = torch.relu(F.linear(x2, gate_weight, gate_bias)) if mode != "predictor" else None
+    gate_pre = F.linear(x2, gate_weight, gate_bias) if mode != "predictor" else None
+    gate = torch.relu(gate_pre) if gate_pre is not None else None
     if mode == "dense":
         h = gate if kind == "relu_mlp" else gate * activations.apply(up_act, F.linear(x2, up_weight, up_bias))
         y = h @ _down_rows(down_weight, down_weight_nm)
@@ -165,6 +201,8 @@ def reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_wei
         return reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
                                     down_bias, kind=kind, mode="dense", up_act=up_act)
     elif mode == "predictor":
+        predictor_in, predictor_out, predictor_bias, threshold, top_k = resolve_predictor(
+            gate_weight, predictor_in, predictor_out, predictor_bias, threshold, top_k, predictor_table)
         active = predictor_selection(x2, predictor_in, predictor_out, predictor_bias, threshold, top_k)
         gate = torch.relu(F.linear(x2, gate_weight.index_select(0, active),
                                    None if gate_bias is None else gate_bias.index_select(0, active)))
@@ -179,8 +217,8 @@ def reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_wei
         _record(dense_bytes, predictor_bytes + _nbytes(gate_weight, rows) + _nbytes(up_weight, rows)
                 + down_bytes * rows // max(intermediate, 1))
     else:
-        # Gate first: neurons whose ReLU is zero for every row contribute exactly nothing.
-        active = (gate > 0).any(0).nonzero().squeeze(1)
+        # Gate first: neurons whose gate is provably <= 0 for every row contribute exactly nothing.
+        active = exact_active(gate_pre).nonzero().squeeze(1)
         h = gate.index_select(1, active)
         up_rows = 0
         if kind != "relu_mlp":
@@ -206,21 +244,21 @@ def sparse_ffn(x: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor], up_w
                up_bias: Optional[Tensor], down_weight: Optional[Tensor], down_weight_nm: Optional[Tensor],
                down_bias: Optional[Tensor], predictor_in: Optional[Tensor], predictor_out: Optional[Tensor],
                predictor_bias: Optional[Tensor], kind: str, mode: str, up_act: str, threshold: float,
-               top_k: int) -> Tensor:
+               top_k: int, predictor_table: int = 0) -> Tensor:
     return reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
                                 down_bias, predictor_in, predictor_out, predictor_bias, kind, mode, up_act,
-                                threshold, top_k)
+                                threshold, top_k, predictor_table)
 
 
 @sparse_ffn.register_fake
 def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias, predictor_in,
-      predictor_out, predictor_bias, kind, mode, up_act, threshold, top_k):
+      predictor_out, predictor_bias, kind, mode, up_act, threshold, top_k, predictor_table=0):
     check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act, predictor_in,
-                    predictor_out)
+                    predictor_out, predictor_table)
     return x.new_empty(*x.shape[:-1], out_features(down_weight, down_weight_nm))
 
 
-TENSOR_ARGS = 11  # x ... predictor_bias; then kind, mode, up_act, threshold, top_k
+TENSOR_ARGS = 11  # x ... predictor_bias; then kind, mode, up_act, threshold, top_k, predictor_table
 
 
 def _setup_context(ctx, inputs, output):
@@ -265,7 +303,7 @@ def _backward(ctx, grad_out):
         d_ub = db_.sum(0) if ub is not None else None
     d_gw = da.t() @ x2
     d_gb = da.sum(0) if gb is not None else None
-    return (dx.reshape(x.shape), d_gw, d_gb, d_uw, d_ub, d_dw, d_dnm, d_db) + (None,) * 8
+    return (dx.reshape(x.shape), d_gw, d_gb, d_uw, d_ub, d_dw, d_dnm, d_db) + (None,) * 9
 
 
 sparse_ffn.register_autograd(_backward, setup_context=_setup_context)
@@ -273,14 +311,17 @@ sparse_ffn.register_autograd(_backward, setup_context=_setup_context)
 
 @sparse_ffn.register_kernel("cuda")
 def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias, predictor_in,
-      predictor_out, predictor_bias, kind, mode, up_act, threshold, top_k):
+      predictor_out, predictor_bias, kind, mode, up_act, threshold, top_k, predictor_table=0):
     """Decode-sized exact and predictor calls run the Triton kernels. Prefill-sized calls run the dense FFN
     (cuBLAS; for exact mode the same values, and no data-dependent shapes, so CUDA-graph capture stays legal);
     fp32 or no Triton runs the reference."""
     from bamboo import kernels
 
     check_arguments(x, gate_weight, up_weight, down_weight, down_weight_nm, kind, mode, up_act, predictor_in,
-                    predictor_out)
+                    predictor_out, predictor_table)
+    if mode == "predictor":
+        predictor_in, predictor_out, predictor_bias, threshold, top_k = resolve_predictor(
+            gate_weight, predictor_in, predictor_out, predictor_bias, threshold, top_k, predictor_table)
     x2 = x.reshape(-1, x.shape[-1])
     act = "identity" if kind == "relu_mlp" else up_act
     if mode != "dense" and x2.shape[0] > kernels.sparse_row_limit(mode):
@@ -291,7 +332,7 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm
                                     threshold, top_k)
     from bamboo.kernels.sparse_ffn_triton import triton_sparse_ffn
 
-    down_rows = down_weight_nm if down_weight_nm is not None else down_weight.t()
+    down_rows = down_weight_nm if down_weight_nm is not None else neuron_major_rows(down_weight)
     if mode == "exact":
         y = triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, act)
     else:

@@ -78,9 +78,12 @@ def emit_sparse_ffn(op, x, gate: Weight, up: Weight | None, down_rows, down_bias
     elif mode == "dense":
         y = op.MatMul(product(None), down_rows)
     elif mode == "exact":
-        g = op.Relu(gate.apply(op, x2))
-        zero = op.CastLike(op.Constant(value_float=0.0), g)
-        active = op.ReduceMax(op.Cast(op.Greater(g, zero), to=FLOAT), _int64s(op, [0]), keepdims=0)
+        pre = gate.apply(op, x2)
+        g = op.Relu(pre)
+        # skipped only where -inf < gate <= 0 in every row: NaN and -inf stay (bamboo/ops/sparse_ffn.py)
+        zero = op.CastLike(op.Constant(value_float=0.0), pre)
+        skip = op.And(op.LessOrEqual(pre, zero), op.Not(op.IsInf(pre, detect_positive=0, detect_negative=1)))
+        active = op.ReduceMax(op.Cast(op.Not(skip), to=FLOAT), _int64s(op, [0]), keepdims=0)
         ids = op.Reshape(op.NonZero(active), _int64s(op, [-1]))
         h = op.Gather(g, ids, axis=1)
         if up is not None:
@@ -117,6 +120,8 @@ def _best_scores(op, x2, predictor):
                        op.Transpose(op.Cast(p_out, to=FLOAT), perm=[1, 0]))
     if p_bias is not None:
         scores = op.Add(scores, op.Cast(p_bias, to=FLOAT))
+    # a NaN score counts as +inf (selected), as in the op; done before ReduceMax, whose NaN handling varies
+    scores = op.Where(op.IsNaN(scores), op.Constant(value_float=math.inf), scores)
     return op.ReduceMax(scores, _int64s(op, [0]), keepdims=0)
 
 
@@ -138,7 +143,7 @@ def _static_predictor(op, x2, product, down_rows, predictor, threshold, top_k, m
 
 def sparse_ffn_translation_static(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
                                   down_bias, predictor_in, predictor_out, predictor_bias, kind, mode, up_act,
-                                  threshold, top_k):
+                                  threshold, top_k, predictor_table=0):
     """The TensorRT-profile translation: static shapes only (see emit_sparse_ffn)."""
     return sparse_ffn_translation(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
                                   down_bias, predictor_in, predictor_out, predictor_bias, kind, mode, up_act,
@@ -147,9 +152,13 @@ def sparse_ffn_translation_static(x, gate_weight, gate_bias, up_weight, up_bias,
 
 def sparse_ffn_translation(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias,
                            predictor_in, predictor_out, predictor_bias, kind, mode, up_act, threshold, top_k,
-                           static_shapes: bool = False):
+                           predictor_table=0, static_shapes: bool = False):
     """torch.onnx custom_translation_table entry for bamboo::sparse_ffn (traced with onnxscript's opset18)."""
     from onnxscript import opset18 as op
+
+    if predictor_table:
+        raise ValueError("a sparse_ffn bound to a predictor table (a bamboo.compile graph) cannot be exported: "
+                         "export with bamboo.export_onnx, which stores each layer's predictor")
 
     down_rows = down_weight_nm if down_weight_nm is not None else op.Transpose(down_weight, perm=[1, 0])
     predictor = (predictor_in, predictor_out, predictor_bias) if mode == "predictor" else None

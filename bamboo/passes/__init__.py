@@ -11,18 +11,26 @@ from bamboo.passes.rewrite_to_sparse_ffn import RewriteToSparseFFN
 from bamboo.passes.store_down_proj_neuron_major import StoreDownProjNeuronMajor
 
 
-def default_passes(mode: str = "exact", constants=None, keep_original_weights: bool = True,
-                   store_weights_as: str = "buffer", predictors=None) -> list:
-    """The pipeline bamboo.compile (Dynamo graphs: weights are inputs named in `constants`) and bamboo.export
-    (unlifted graphs: weights are attributes) run for a sparsity mode."""
-    passes = [RewriteToSparseFFN(mode),
-              StoreDownProjNeuronMajor(constants, keep_original_weights, store_as=store_weights_as)]
+def default_passes(mode: str = "exact", bind=None) -> list:
+    """The pipeline bamboo.export runs on a program whose weights are attributes: each site stores its own
+    neuron-major down weight and (predictor mode, `bind` from calibrate.predictors.PredictorBinder) predictor."""
+    passes = [RewriteToSparseFFN(mode), StoreDownProjNeuronMajor()]
     if mode == "predictor":
-        passes.append(AttachPredictors(predictors, constants, store_as=store_weights_as))
+        passes.append(AttachPredictors(bind))
+    return passes
+
+
+def dynamo_passes(mode: str = "exact", bind=None, table: int = 0, constants=None) -> list:
+    """The pipeline bamboo.compile runs on each Dynamo graph. Such a graph may serve several layers, so it
+    stores nothing layer-specific: the op derives the neuron-major down rows from the weight of each call, and
+    predictor mode binds through the registered predictor `table` (ops/bound_weights.py)."""
+    passes = [RewriteToSparseFFN(mode)]
+    if mode == "predictor":
+        passes.append(AttachPredictors(bind, constants, table))
     return passes
 
 
 __all__ = [
     "AttachPredictors", "DetectionReport", "FFNSite", "GraphPass", "PassManager", "PassResult", "Rejection", "RewriteToSparseFFN",
-    "StoreDownProjNeuronMajor", "check_graph", "default_passes", "detect_ffn_sites",
+    "StoreDownProjNeuronMajor", "check_graph", "default_passes", "detect_ffn_sites", "dynamo_passes",
 ]

@@ -199,3 +199,23 @@ def test_kernel_predictor_path_equals_the_ops_predictor_mode(rows):
     expected = reference_sparse_ffn(w["x"], w["gw"], w["gb"], w["uw"], w["ub"], w["dw"], None, w["db"], p_in, p_out,
                                     p_bias, kind="drelu", mode="predictor", up_act="relu", threshold=0.2)
     assert rel(y, expected.double().cpu()) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("mode", ["exact", "predictor"])
+def test_nan_and_inf_propagate_like_dense(value, mode):
+    """One row with a non-finite input: the exact zero test keeps NaN and -inf gates (`-inf < gate <= 0` is the
+    only skip), and a NaN predictor score selects; relu keeps NaN (tl.maximum's default would drop it)."""
+    gen = torch.Generator().manual_seed(5)
+    w = make(1, 40, 70, 36, torch.float32, gen)
+    w["x"][0, 3] = value
+    dense = dense_same_dtype(w, "drelu", "relu")
+    assert not torch.isfinite(dense).all()
+    if mode == "exact":
+        y = k.triton_sparse_ffn(w["x"], w["gw"], None, w["uw"], None, w["dw"].t(), None, "relu")
+        assert torch.equal(torch.isnan(y), torch.isnan(dense)) and torch.equal(torch.isinf(y), torch.isinf(dense))
+    else:
+        p_in = torch.randn(8, 40, generator=gen).to(DEVICE)
+        p_out = torch.randn(70, 8, generator=gen).to(DEVICE)
+        y = predicted_sparse_ffn(w["x"], w["gw"], w["uw"], w["dw"].t(), p_in, p_out, k=16, threshold=0.0)
+        assert not torch.isfinite(y).any()  # every output feature of the poisoned row, as dense

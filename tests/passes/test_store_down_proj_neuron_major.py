@@ -32,17 +32,6 @@ def test_down_weight_is_stored_neuron_major_once_at_compile_time():
     assert result.stats["StoreDownProjNeuronMajor"] == {"neuron_major": 1, "bytes": 48 * 16 * 4, "runtime_weights": []}
 
 
-def test_stored_as_trailing_inputs_for_dynamo_graphs():
-    module = ZooFFN("drelu")
-    x = torch.randn(2, 16)
-    gm = export_program(module, (x,), dynamic=False).module()
-    result = PassManager([RewriteToSparseFFN("exact"), StoreDownProjNeuronMajor(store_as="input")])(gm)
-    (extra,) = result.stats["StoreDownProjNeuronMajor"]["extra_inputs"]
-    assert torch.equal(extra, module.down.weight.detach().t())
-    placeholders = [n for n in result.graph_module.graph.nodes if n.op == "placeholder"]
-    assert placeholders[-1].name == "_bamboo_down_nm_0"
-
-
 def test_weights_already_neuron_major_are_used_as_they_are():
     result = run(ZooFFN("drelu", linear="x@W_in_out"), torch.randn(2, 16))
     (node,) = fused_nodes(result.graph_module)
