@@ -1,4 +1,6 @@
-"""GPU kernels behind bamboo::sparse_ffn, and the choice between them and dense matmuls.
+"""GPU kernels behind bamboo::sparse_ffn, and the choice between them and dense matmuls. Importing this package
+registers the CUDA implementation against the op (cuda_sparse_ffn); Triton itself is imported only when a
+kernel runs.
 
 Decode-sized inputs (at most `max_sparse_rows()` rows) go to the Triton kernels; anything larger (prefill)
 goes to dense matmuls, which are faster once the union of active neurons over the rows covers most of the FFN.
@@ -11,6 +13,7 @@ import os
 import torch
 
 from bamboo.errors import MissingDependencyError
+from bamboo.kernels import cuda_sparse_ffn  # noqa: F401  (registers the op's CUDA kernel)
 
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 
