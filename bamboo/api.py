@@ -201,6 +201,26 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
     return compiled
 
 
+def inductor_pass(sparsity: str = "exact", predictors=None):
+    """bamboo as an Inductor post-grad pass for any torch.compile pipeline:
+    `torch.compile(model, options={"post_grad_custom_post_pass": bamboo.inductor_pass()})`. The returned pass
+    lists what it matched in `.sites` (with the refusals) and warns for a graph with no site."""
+    from bamboo.calibrate.predictors import PredictorBinder
+    from bamboo.passes.inductor_pass import BambooInductorPass
+
+    if sparsity not in ("exact", "predictor"):
+        raise InputError(f"inductor_pass takes sparsity='exact' or 'predictor', got {sparsity!r} (for dense, "
+                         "leave the pass out)")
+    predictors = _check_sparsity(sparsity, predictors)
+    if predictors is None:
+        return BambooInductorPass(sparsity)
+    binder = PredictorBinder(predictors)
+    table = register_predictor_table(binder)
+    graph_pass = BambooInductorPass(sparsity, binder, table, predictors.digest())
+    weakref.finalize(graph_pass, unregister_predictor_table, table)
+    return graph_pass
+
+
 def inspect(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict] = None,
             predictors=None) -> SiteTable:
     """The FFN sites bamboo would rewrite (and the candidates it refused, with the reason). With `predictors`,

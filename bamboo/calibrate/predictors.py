@@ -134,6 +134,15 @@ class Predictors(dict):
         return {"meta": self.meta, "layers": [{"module": p.module, "rank": p.rank, "threshold": p.threshold,
                                                "top_k": p.top_k, **p.stats} for p in self.values()]}
 
+    def digest(self) -> str:
+        """A hash of everything that decides the selection (tensors, thresholds, caps): a cache key."""
+        h = hashlib.sha256()
+        for p in self.values():
+            h.update(f"{p.module}:{p.fingerprint}:{p.threshold!r}:{p.top_k}".encode())
+            for t in (p.w_in, p.w_out, p.bias):
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:32]
+
     def summary(self) -> dict:
         stats = [p.stats for p in self.values()]
         mean = lambda key: sum(s.get(key, 0.0) for s in stats) / max(len(stats), 1)  # noqa: E731

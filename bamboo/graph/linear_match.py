@@ -1,4 +1,6 @@
-"""Recognise a linear map in any spelling: F.linear(x, W, b), x @ W.T (+ b), x @ W (W stored [in, out])."""
+"""Recognise a linear map in any spelling: F.linear(x, W, b), x @ W.T (+ b), x @ W (W stored [in, out]), and
+the post-grad ATen forms Inductor hands a custom pass: addmm(b, x, W.T), and x of any rank flattened to 2-D
+around an mm (`reshape(mm(reshape(x, [-1, in]), permute(W)), [..., out])`), which is matched as a map of x."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,14 +46,48 @@ def _match_unbiased(node: fx.Node) -> Optional[LinearMatch]:
             return None
         return LinearMatch(node, x, weight, "out_in", bias if isinstance(bias, fx.Node) else None, [node])
     if name == "matmul" and len(node.args) == 2:
-        x, w = node.args
-        if not isinstance(x, fx.Node) or not isinstance(w, fx.Node):
+        return _weight_product(node, *node.args)
+    if name == "addmm" and len(node.args) == 3 and arg(node, 3, "beta", 1) == 1 and arg(node, 4, "alpha", 1) == 1:
+        bias, x, w = node.args
+        match = _weight_product(node, x, w)
+        b = meta_value(bias)
+        if match is None or b is None or b.dim() != 1 or b.shape[0] != match.out_features:
             return None
-        if is_transpose_2d(w) and len(w.users) == 1:
-            return LinearMatch(node, x, w.args[0], "out_in", None, [w, node])
-        if _is_2d(w):
-            return LinearMatch(node, x, w, "in_out", None, [node])
+        match.bias = bias
+        return match
+    if name == "reshape":
+        return _flattened(node)
     return None
+
+
+def _weight_product(node: fx.Node, x, w) -> Optional[LinearMatch]:
+    """node = x @ w with w a 2-D weight, stored transposed ([out, in]) or as it is ([in, out])."""
+    if not isinstance(x, fx.Node) or not isinstance(w, fx.Node):
+        return None
+    if is_transpose_2d(w) and len(w.users) == 1:
+        return LinearMatch(node, x, w.args[0], "out_in", None, [w, node])
+    if _is_2d(w):
+        return LinearMatch(node, x, w, "in_out", None, [node])
+    return None
+
+
+def _flattened(node: fx.Node) -> Optional[LinearMatch]:
+    """reshape(mm(reshape(x, [rows, in]), W), x.shape[:-1] + [out]): a linear map of x itself."""
+    inner = node.args[0] if node.args else None
+    if not isinstance(inner, fx.Node) or op_name(inner) not in ("matmul", "addmm") or len(inner.users) != 1:
+        return None
+    match = _match_unbiased(inner)
+    flat = match.input if match else None
+    if flat is None or op_name(flat) != "reshape" or len(flat.users) != 1 or not isinstance(flat.args[0], fx.Node):
+        return None
+    x, xv, fv, yv = flat.args[0], meta_value(flat.args[0]), meta_value(flat), meta_value(node)
+    if xv is None or fv is None or yv is None or xv.dim() < 2 or fv.dim() != 2:
+        return None
+    if fv.shape[-1] != xv.shape[-1] or tuple(xv.shape[:-1]) != tuple(yv.shape[:-1]):
+        return None  # not a pure flatten of the leading dims
+    match.output, match.input = node, x
+    match.nodes = [flat] + match.nodes + [node]
+    return match
 
 
 def match_linear(node) -> Optional[LinearMatch]:

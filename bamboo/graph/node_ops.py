@@ -19,7 +19,8 @@ aten = torch.ops.aten
 _FUNCTIONS: dict[object, str] = {
     F.linear: "linear", aten.linear.default: "linear",
     operator.matmul: "matmul", torch.matmul: "matmul", aten.matmul.default: "matmul", torch.mm: "matmul",
-    aten.mm.default: "matmul",
+    aten.mm.default: "matmul", aten.addmm.default: "addmm", torch.addmm: "addmm",
+    aten.reshape.default: "reshape", aten.view.default: "reshape", aten._unsafe_view.default: "reshape",
     torch.t: "transpose", aten.t.default: "transpose", aten.numpy_T.default: "transpose",
     torch.transpose: "transpose", aten.transpose.int: "transpose", torch.permute: "transpose",
     aten.permute.default: "transpose",
@@ -30,6 +31,7 @@ _FUNCTIONS: dict[object, str] = {
     aten.clip.default: "clamp",
     operator.mul: "mul", torch.mul: "mul", aten.mul.Tensor: "mul", operator.imul: "mul",
     operator.add: "add", torch.add: "add", aten.add.Tensor: "add", operator.iadd: "add",
+    aten.div.Tensor: "div", operator.truediv: "div", aten.exp.default: "exp", aten.neg.default: "neg",
     F.silu: "silu", aten.silu.default: "silu", torch.sigmoid: "sigmoid", aten.sigmoid.default: "sigmoid",
     torch.tanh: "tanh", aten.tanh.default: "tanh", F.gelu: "gelu", aten.gelu.default: "gelu",
     F.leaky_relu: "leaky_relu", aten.leaky_relu.default: "leaky_relu", F.elu: "elu", F.relu6: "relu6",
@@ -111,3 +113,21 @@ def relu_input(node: fx.Node) -> tuple[Optional[fx.Node], str]:
     if name in NON_SPARSE_ACTIVATIONS or name == "relu6":
         return None, f"{name} makes no exact zeros" if name != "relu6" else "relu6 (clamp with a max) is not a ReLU"
     return None, f"{node.format_node() if isinstance(node, fx.Node) else node} is not a ReLU"
+
+
+def decomposed_silu(node: fx.Node) -> tuple[Optional[fx.Node], list]:
+    """silu as Inductor's post-grad graph spells it, u / (1 + exp(-u)) or u * sigmoid(u): (u, the nodes of the
+    spelling, outermost last), or (None, [])."""
+    name = op_name(node)
+    if name == "div" and len(node.args) == 2 and isinstance(node.args[1], fx.Node):
+        u, denominator = node.args
+        if op_name(denominator) == "add" and len(denominator.args) == 2:
+            for e, one in (denominator.args, denominator.args[::-1]):
+                if (one == 1 and isinstance(e, fx.Node) and op_name(e) == "exp" and isinstance(e.args[0], fx.Node)
+                        and op_name(e.args[0]) == "neg" and e.args[0].args[0] is u):
+                    return u, [e.args[0], e, denominator, node]
+    if name == "mul" and len(node.args) == 2:
+        for u, s in (node.args, node.args[::-1]):
+            if isinstance(s, fx.Node) and op_name(s) == "sigmoid" and s.args[0] is u:
+                return u, [s, node]
+    return None, []

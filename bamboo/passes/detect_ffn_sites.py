@@ -23,6 +23,7 @@ from bamboo.graph.linear_match import LinearMatch, match_linear
 from bamboo.graph.node_ops import (
     NON_SPARSE_ACTIVATIONS,
     arg,
+    decomposed_silu,
     meta_value,
     op_name,
     relu_input,
@@ -85,6 +86,10 @@ def _up_factor(node: fx.Node, x: fx.Node) -> tuple[Optional[LinearMatch], str, l
         lin = match_linear(node.args[0])
         if lin and lin.input is x:
             return lin, act, [node], ""
+    u, spelled = decomposed_silu(node)
+    lin = match_linear(u) if u is not None else None
+    if lin and lin.input is x:
+        return lin, "silu", spelled, ""
     lin = match_linear(node)
     if lin and lin.input is x:
         return lin, "identity", [], ""
@@ -135,7 +140,7 @@ def match_site(node: fx.Node) -> tuple[Optional[FFNSite], str]:
     product = down.input
     name = op_name(product)
     if name == "mul" and len(product.args) == 2 and all(isinstance(a, fx.Node) for a in product.args):
-        factor_ops = {op_name(a) for a in product.args}
+        factor_ops = {"silu" if decomposed_silu(a)[0] is not None else op_name(a) for a in product.args}
         if not factor_ops & (NON_SPARSE_ACTIVATIONS | {"relu", "clamp", "relu6"}):
             return None, ""  # a product of no activation (a norm's scale, say): not an FFN candidate
         reasons = []
@@ -151,7 +156,7 @@ def match_site(node: fx.Node) -> tuple[Optional[FFNSite], str]:
                 continue
             kind = "drelu" if up_act == "relu" else "reglu"
             return _check_site(kind, gate.input, gate, up, down, [first, product] + extra, up_act)
-        acts = {op_name(a) for a in product.args} & NON_SPARSE_ACTIVATIONS
+        acts = factor_ops & NON_SPARSE_ACTIVATIONS
         if acts:
             return None, (f"no factor of the product is a ReLU ({', '.join(sorted(acts))}: no exact zeros): "
                           "a gated FFN without ReLU cannot skip neurons losslessly")
