@@ -205,7 +205,9 @@ class BambooPreTrainedModel(nn.Module):
         return None if cache is None else tuple(cache.k_cache.shape)
 
     @classmethod
-    def from_pretrained(cls, directory, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
+    def from_pretrained(cls, directory, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"):
+        """Load a checkpoint directory. dtype: a floating torch dtype or its name ("bfloat16", "float16",
+        "float32"); None or "auto" keep the checkpoint's."""
         from bamboo.models.checkpoint import load_pretrained
 
         return load_pretrained(cls, directory, dtype=dtype, device=device)
