@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from bamboo.backends import get_backend
+from bamboo.backends.registry import check_backend_options
 from bamboo.errors import CompileError, InputError
 from bamboo.graph.capture import (
     copy_graph_module,
@@ -144,6 +145,7 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
     Weights are read at compile time: compile after loading them. sparsity="predictor" takes `predictors`
     (from bamboo.calibrate, or a saved file); they are checked against the model's weights.
     """
+    check_backend_options(backend, backend_options)
     predictors = _check_sparsity(sparsity, predictors)
     if backend == "onnxruntime":
         from bamboo.backends.onnxruntime import OnnxRuntimeModule
