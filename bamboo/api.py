@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from bamboo.backends import get_backend
+from bamboo.backends.registry import check_backend_options
 from bamboo.errors import CompileError, InputError
 from bamboo.graph.capture import (
     copy_graph_module,
@@ -53,7 +54,7 @@ def _check_sparsity(sparsity: str, predictors=None):
                              "the path of a file saved by `bamboo calibrate`")
         from bamboo.calibrate.predictors import Predictors
 
-        return predictors if isinstance(predictors, Predictors) else Predictors.load(predictors)
+        return (predictors if isinstance(predictors, Predictors) else Predictors.load(predictors)).check()
     if predictors is not None:
         raise InputError(f"predictors= only applies to sparsity='predictor', not {sparsity!r}")
     return None
@@ -171,6 +172,7 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
     sparsity="predictor" takes `predictors` (from bamboo.calibrate, or a saved file); each is bound to the gate
     weight it was calibrated for (by fingerprint), and another model's predictors are refused.
     """
+    check_backend_options(backend, backend_options)
     predictors = _check_sparsity(sparsity, predictors)
     if backend == "onnxruntime":
         from bamboo.backends.onnxruntime import OnnxRuntimeModule
@@ -229,8 +231,10 @@ def inspect(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dic
     report = detect_ffn_sites(program.graph)
     extra = None
     if predictors is not None:
+        from bamboo.calibrate.train_predictors import predictors_for_sites
+
         predictors = _check_sparsity("predictor", predictors)
-        found = [predictors.find(s.module) for s in report.sites]
+        found = predictors_for_sites(model, program, report.sites, predictors)  # the checks compile makes
         extra = {
             "threshold": [f"{p.threshold:.3f}" if p else "-" for p in found],
             "cap k": [(p.top_k or "-") if p else "-" for p in found],

@@ -134,7 +134,7 @@ def main():
 
 {table}
 
-Weights: model-0000N-of-0000M.safetensors (bf16). Full numbers: training.json.
+Weights: model-<save id>-0000N-of-0000M.safetensors (bf16), listed in model.safetensors.index.json. Full numbers: training.json.
 """)
     print(f"saved {out}: validation perplexity {bf16_ppl:.2f} (bf16), best step {best_step}")
     print(table)

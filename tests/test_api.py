@@ -95,6 +95,17 @@ def test_bad_arguments():
         bamboo.inspect(ZooFFN(), (torch.randn(2, 7),))  # wrong width
 
 
+@pytest.mark.parametrize("backend, kwargs, message", [
+    ("eager", {"mode": "reduce-overhead"}, r"\['mode'\] for backend 'eager': it takes no options of its own"),
+    ("inductor", {"modes": "max-autotune"}, r"\['modes'\] for backend 'inductor': its options are \['mode', 'options'\]"),
+    ("onnxruntime", {"provider": "CPUExecutionProvider"}, r"\['provider'\] for backend 'onnxruntime': its options are "
+                                                          r"\['providers', 'session_options', 'path', 'example_inputs'\]"),
+])
+def test_unknown_keyword_is_named_before_anything_compiles(backend, kwargs, message):
+    with pytest.raises(InputError, match="bamboo.compile got unknown keyword argument\\(s\\) " + message):
+        bamboo.compile(ZooFFN(), backend=backend, **kwargs)
+
+
 def test_inspect_returns_a_printable_site_table(model):
     sites = bamboo.inspect(model, (torch.randint(0, 512, (2, 4)),))
     assert [(s.kind, s.hidden_size, s.intermediate_size, s.dtype) for s in sites] == \

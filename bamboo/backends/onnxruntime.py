@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bamboo.errors import InputError, require
+from bamboo.errors import CompileError, InputError, require
 from bamboo.graph.capture import normalize_example_inputs
 
 
@@ -29,6 +29,11 @@ class OnnxRuntimeModule:
     def __init__(self, model: torch.nn.Module, sparsity: str = "exact", predictors=None, providers=None,
                  session_options=None, path=None, example_inputs=None):
         self.ort = require("onnxruntime", "onnx", "the onnxruntime backend")
+        if isinstance(model, torch.nn.Module) and any(p.dtype == torch.bfloat16 for p in model.parameters()):
+            raise CompileError("the onnxruntime backend cannot run a bfloat16 model: ONNX Runtime's CPU execution "
+                               "provider has no bfloat16 kernels (Mul fails with NOT_IMPLEMENTED) and its CUDA "
+                               "provider has no bfloat16 TopK; compile model.float() for the CPU or model.half() "
+                               "for the CUDA provider")
         self.model, self.sparsity, self.predictors = model, sparsity, predictors
         self.session_options = session_options
         self.requested_providers = providers

@@ -36,3 +36,35 @@ def get_backend(name: str, **options) -> Backend:
     if name not in _BACKENDS:
         raise InputError(f"unknown backend {name!r}; available: {available_backends()}")
     return _BACKENDS[name](**options)
+
+
+def _options_class(name: str):
+    """The class whose constructor takes the backend's keyword options."""
+    if name == "onnxruntime":
+        from bamboo.backends.onnxruntime import OnnxRuntimeModule
+
+        return OnnxRuntimeModule
+    if name == "tensorrt":
+        from bamboo.backends.tensorrt import TensorRTModule
+
+        return TensorRTModule
+    if name not in _BACKENDS:
+        raise InputError(f"unknown backend {name!r}; available: {available_backends()}")
+    return _BACKENDS[name]
+
+
+def check_backend_options(name: str, options: dict) -> None:
+    """Refuse keywords a backend does not take before anything is compiled (its constructor would raise a bare
+    TypeError, at the first call for the Dynamo backends)."""
+    import inspect
+
+    cls = _options_class(name)
+    params = [] if cls.__init__ is object.__init__ else inspect.signature(cls.__init__).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):  # passes its options on (torch-tensorrt's)
+        return
+    accepted = [p.name for p in params if p.name not in ("self", "model", "sparsity", "predictors")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = f"its options are {accepted}" if accepted else "it takes no options of its own"
+        raise InputError(f"bamboo.compile got unknown keyword argument(s) {unknown} for backend {name!r}: {takes}, "
+                         "besides sparsity, predictors, dynamic, fullgraph and dump_dir")

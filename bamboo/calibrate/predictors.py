@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 
 from bamboo.errors import InputError
 from bamboo.ops.bound_weights import BoundPredictor, WeightMemo
+from bamboo.outputs import prepare_output
 
 FORMAT = "bamboo-predictors-v1"
 
@@ -49,6 +51,30 @@ class LayerPredictor:
 
         return predictor_scores(x, self.w_in, self.w_out, self.bias)
 
+    def check(self) -> "LayerPredictor":
+        """Refuse a predictor that would silently pick the wrong neurons: NaN weights make every score comparison
+        false (no neuron computed); a threshold that is not a number fails deep inside the compiler."""
+        where = f"predictor for {self.module!r}"
+        fix = "the file is damaged or was edited: re-run `bamboo calibrate`"
+        number = isinstance(self.threshold, (int, float)) and not isinstance(self.threshold, bool)
+        if not number or math.isnan(self.threshold):
+            raise InputError(f"{where} has threshold {self.threshold!r}, which is not a number; {fix}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise InputError(f"{where} has cap top_k={self.top_k!r}; it must be an integer >= 0; {fix}")
+        tensors = {"w_in": self.w_in, "w_out": self.w_out, "bias": self.bias}
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise InputError(f"{where}: {name} is not a floating-point tensor; {fix}")
+        if self.w_in.dim() != 2 or self.w_out.dim() != 2 or self.w_out.shape[1] != self.w_in.shape[0] \
+                or tuple(self.bias.shape) != (self.w_out.shape[0],):
+            raise InputError(f"{where} has inconsistent shapes w_in {tuple(self.w_in.shape)}, w_out "
+                             f"{tuple(self.w_out.shape)}, bias {tuple(self.bias.shape)}; {fix}")
+        for name, t in tensors.items():
+            if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+                raise InputError(f"{where} has NaN or infinite values in {name}: it would compute no neurons (or "
+                                 f"all); {fix}")
+        return self
+
     def to(self, dtype=None, device=None) -> "LayerPredictor":
         move = lambda t: t.to(dtype=dtype, device=device)  # noqa: E731
         return LayerPredictor(self.module, move(self.w_in), move(self.w_out), move(self.bias), self.threshold,
@@ -70,7 +96,11 @@ class Predictors(dict):
             layers.append({"module": p.module, "threshold": p.threshold, "fingerprint": p.fingerprint,
                            "top_k": p.top_k, "stats": p.stats})
         header = {"format": FORMAT, "meta": self.meta, "layers": layers}
-        save_file(tensors, str(path), metadata={"bamboo": json.dumps(header)})
+        path = prepare_output(path, "predictor file")
+        try:
+            save_file(tensors, str(path), metadata={"bamboo": json.dumps(header)})
+        except Exception as exc:  # safetensors raises its own error type for I/O failures
+            raise InputError(f"writing the predictor file {path} failed ({exc}); choose a writable path") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Predictors":
@@ -88,11 +118,19 @@ class Predictors(dict):
                                          f.get_tensor(f"{i}.bias"), entry["threshold"], entry["fingerprint"],
                                          entry.get("top_k", 0), entry.get("stats", {}))
                           for i, entry in enumerate(header["layers"])]
+                for layer in layers:
+                    layer.check()
         except InputError:
             raise
         except Exception as exc:
             raise InputError(f"{path} could not be read as a predictor file ({exc}); re-run `bamboo calibrate`") from None
         return cls(layers, header.get("meta"))
+
+    def check(self) -> "Predictors":
+        """Every layer's LayerPredictor.check (NaN weights, a threshold that is not a number, bad shapes)."""
+        for p in self.values():
+            p.check()
+        return self
 
     def find(self, module: str) -> LayerPredictor | None:
         """The predictor for the FFN at `module`. A model wrapped in another module (the ONNX decode step, a user's
@@ -113,6 +151,10 @@ class Predictors(dict):
             raise InputError(f"predictor for {module!r} is sized for hidden {p.w_in.shape[1]} / intermediate "
                              f"{p.w_out.shape[0]} but the FFN has {gate_weight.shape[1]} / {gate_weight.shape[0]}: "
                              "these predictors belong to another model; run `bamboo calibrate` for this one")
+        p.check()
+        if gate_weight.device.type == "meta":
+            raise InputError(f"the FFN at {module!r} has no weight values (meta device): predictors are checked "
+                             "against the weights; load the model's weights first")
         if fingerprint(gate_weight) != p.fingerprint:
             raise InputError(f"predictor for {module!r} was calibrated for different weights (gate fingerprint "
                              f"{p.fingerprint}, this model {fingerprint(gate_weight)}): these predictors belong "

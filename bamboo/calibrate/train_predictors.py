@@ -56,6 +56,12 @@ def ffn_sites_with_weights(model, example) -> list[SiteWeights]:
     return out
 
 
+def predictors_for_sites(model, program, sites: list[FFNSite], predictors: Predictors) -> list[LayerPredictor]:
+    """Each site's predictor, checked against the site's gate weight as compile checks it."""
+    return [predictors.check_fits(site.module, _resolve(model, program, site.match.gate.weight, site.match.gate.layout))
+            for site in sites]
+
+
 class _Reservoir:
     """A bounded uniform sample of a stream of values."""
 
@@ -219,6 +225,11 @@ def calibrate(model: torch.nn.Module, batches, rank: int = 64, target_recall: fl
     that `target_recall` of the truly active (token, neuron) pairs are predicted, and measures recall,
     precision and the predicted density (share of neurons computed per token).
     """
+    for name, value, low in (("rank", rank, 1), ("epochs", epochs, 1), ("max_scores", max_scores, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not 0 < holdout < 1:
+        raise InputError(f"holdout must be a share in (0, 1), got {holdout!r}")
     batches = list(batches)
     if len(batches) < 2:
         raise InputError("calibrate needs at least 2 batches: one or more to train on and one held out")

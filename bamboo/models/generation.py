@@ -52,13 +52,19 @@ def left_pad(input_ids, attention_mask, length: int, pad_token_id: int):
     return pad(input_ids, pad_token_id), pad(attention_mask, 0)
 
 
-def _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_p):
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise InputError("input_ids must be an integer torch.Tensor of token ids, shape [batch, seq_len]")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise InputError(f"input_ids must have shape [batch, seq_len>0], got {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0:
+        raise InputError(f"input_ids is an empty batch (shape {tuple(input_ids.shape)}): pass at least one prompt")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     elif attention_mask.dim() == 1:
@@ -72,14 +78,18 @@ def _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top
     vocab = model.config.vocab_size
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
         raise InputError(f"input_ids hold ids outside the vocabulary [0, {vocab})")
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not _is_int(top_k) or top_k < 0:
+        raise InputError(f"top_k must be an integer >= 0 (0: no top-k filtering), got {top_k!r}")
     total = input_ids.shape[1] + max_new_tokens
     if total > model.config.max_position_embeddings:
         raise InputError(f"prompt length + max_new_tokens = {total} exceeds max_position_embeddings "
                          f"({model.config.max_position_embeddings}); shorten the prompt or generate fewer tokens")
-    if temperature <= 0 or not (0 < top_p <= 1):
-        raise InputError("temperature must be > 0 and top_p in (0, 1]")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (temperature, top_p)) \
+            or temperature <= 0 or not (0 < top_p <= 1):
+        raise InputError(f"temperature must be a number > 0 and top_p a number in (0, 1], got temperature="
+                         f"{temperature!r}, top_p={top_p!r}")
     return input_ids.long(), attention_mask.long()
 
 
@@ -100,7 +110,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     prompt lengths up (see the module doc); finished rows are checked for every `eos_check_every` steps (and
     every step with a streamer), each check being one host read.
     """
-    input_ids, attention_mask = _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_p)
+    input_ids, attention_mask = _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k)
     if cache_bucket < 1 or (prompt_bucket is not None and prompt_bucket < 1) or eos_check_every < 1:
         raise InputError("cache_bucket, prompt_bucket and eos_check_every must be >= 1")
     if eos_token_id == -1:

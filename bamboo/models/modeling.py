@@ -205,7 +205,9 @@ class BambooPreTrainedModel(nn.Module):
         return None if cache is None else tuple(cache.k_cache.shape)
 
     @classmethod
-    def from_pretrained(cls, directory, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
+    def from_pretrained(cls, directory, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"):
+        """Load a checkpoint directory. dtype: a floating torch dtype or its name ("bfloat16", "float16",
+        "float32"); None or "auto" keep the checkpoint's."""
         from bamboo.models.checkpoint import load_pretrained
 
         return load_pretrained(cls, directory, dtype=dtype, device=device)
@@ -227,6 +229,14 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
                          "add a batch dimension with input_ids[None]")
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise InputError(f"input_ids must be int64 (token ids), got {input_ids.dtype}")
+    # The range check reads the ids on the host: done for CPU tensors outside compilation only (on a GPU it would
+    # synchronise every decode step; generate checks the prompt once instead).
+    if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise InputError(f"input_ids hold token id {low if low < 0 else high}, outside the vocabulary [0, "
+                             f"{vocab_size}): the tokenizer does not match this model (config vocab_size "
+                             f"{vocab_size})")
 
 
 def build_attention_mask(query_slots, key_slots, key_valid, sliding_window):

@@ -27,6 +27,19 @@ def default_tokenizer_file() -> Path:
     return path
 
 
+def chat_template(checkpoint_dir) -> Optional[str]:
+    """The chat template a checkpoint ships (tokenizer_config.json's "chat_template", the Hugging Face place), or
+    None: a model trained on plain text has none, and wrapping its prompt in ChatML only confuses it."""
+    import json
+
+    path = Path(checkpoint_dir) / "tokenizer_config.json"
+    try:
+        template = json.loads(path.read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template or None
+
+
 class BambooTokenizer:
     def __init__(self, model_file: Optional[str | os.PathLike] = None, padding_side: str = "left"):
         spm = require("sentencepiece", "tokenizer", "BambooTokenizer")

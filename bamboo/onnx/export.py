@@ -2,12 +2,15 @@
 bamboo::sparse_ffn lowered to standard ONNX ops; checked with onnx.checker."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from pathlib import Path
 
 import torch
 
 from bamboo.errors import CompileError, require
+from bamboo.outputs import prepare_output
 
 OPSET = 18
 TWO_GB = 2 * 1024**3
@@ -33,8 +36,10 @@ def export_onnx(model: torch.nn.Module, example_inputs, path, *, sparsity: str =
 
     if opset < OPSET:
         raise CompileError(f"bamboo.export_onnx needs opset >= {OPSET}, got {opset}")
+    path = prepare_output(path, "ONNX file")  # before the export, which takes minutes on a large model
     args = normalize_example_inputs(example_inputs)
-    with warnings.catch_warnings():
+    _warn_if_bfloat16(model, args)
+    with warnings.catch_warnings(), without_torchvision_notice():
         warnings.simplefilter("ignore")
         program = export(model, args, sparsity=sparsity, predictors=predictors, dynamic=dynamic)
         try:
@@ -45,11 +50,52 @@ def export_onnx(model: torch.nn.Module, example_inputs, path, *, sparsity: str =
         except Exception as exc:
             summary = "\n".join(str(exc).strip().splitlines()[:6])
             raise CompileError(f"ONNX export of {type(model).__name__} failed:\n{summary}") from exc
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fixed = _inputs_with_fixed_unit_dims(onnx_program.model_proto) if dynamic else []
+    if fixed:
+        warnings.warn(f"bamboo.export_onnx: in {path.name}, input(s) {'; '.join(fixed)} have batch or sequence fixed to 1: "
+                      "torch.export specializes dims whose example size is 1, so the file only runs on that size; "
+                      "export from examples with batch and sequence >= 2 (e.g. torch.zeros(2, 8, dtype=torch.long)) "
+                      "to keep them dynamic", stacklevel=2)
     size = sum(p.numel() * p.element_size() for p in program.state_dict.values())
     size += sum(t.numel() * t.element_size() for t in program.constants.values() if isinstance(t, torch.Tensor))
     use_external = external_data if external_data is not None else size > TWO_GB
     onnx_program.save(str(path), external_data=use_external)
     onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+def _warn_if_bfloat16(model, args) -> None:
+    tensors = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+    tensors += [a for a in args if isinstance(a, torch.Tensor)]
+    if any(t.dtype == torch.bfloat16 for t in tensors):
+        warnings.warn("bamboo.export_onnx: the model is bfloat16; ONNX Runtime's CPU execution provider has no "
+                      "bfloat16 kernels (Mul, MatMul, ...), so it cannot run this file: export model.float() for "
+                      "the CPU, or model.half() for the CUDA execution provider", stacklevel=3)
+
+
+def _inputs_with_fixed_unit_dims(proto) -> list[str]:
+    """Inputs whose batch or sequence dim (the first two) the export fixed to 1, as 'name (shape)'."""
+    fixed = []
+    for tensor in proto.graph.input:
+        dims = [d.dim_param or d.dim_value for d in tensor.type.tensor_type.shape.dim]
+        if any(d == 1 for d in dims[:2]):
+            fixed.append(f"{tensor.name} ({', '.join(map(str, dims))})")
+    return fixed
+
+
+class _DropTorchvisionNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+
+@contextlib.contextmanager
+def without_torchvision_notice():
+    """The ONNX exporter logs "torchvision is not installed. Skipping torchvision::nms" (and three more) on every
+    export; bamboo never exports torchvision ops, so those lines are dropped while bamboo exports (only there)."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    notice = _DropTorchvisionNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)

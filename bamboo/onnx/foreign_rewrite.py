@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bamboo.errors import require
+from bamboo.errors import InputError, require
 from bamboo.ops.sparse_ffn_onnx import Weight, emit_sparse_ffn
+from bamboo.outputs import prepare_output
 
 
 def _is_constant(value) -> bool:
@@ -72,20 +73,27 @@ def _rules(mode: str):
 def optimize(in_path, out_path, mode: str = "exact") -> dict:
     """Rewrite `in_path` into `out_path`; returns {"rewritten": n, "rules": {rule name: count}}."""
     if mode not in ("exact", "dense"):
-        raise ValueError("foreign graphs have no predictors: mode must be 'exact' or 'dense'")
+        raise InputError(f"mode={mode!r}: foreign graphs have no predictors, so mode must be 'exact' or 'dense'")
     require("onnx", "onnx", "bamboo.onnx.optimize")
     import onnx
     import onnx_ir as ir
     from onnxscript.rewriter import pattern as orp
 
+    in_path = Path(in_path)
+    if not in_path.is_file():
+        raise InputError(f"{in_path} does not exist or is not a file; pass the path of an .onnx model")
+    out_path = prepare_output(out_path, "optimized ONNX file")
     _, rules = _rules(mode)
-    model = ir.load(str(in_path))
+    try:
+        model = ir.load(str(in_path))
+    except Exception as exc:  # protobuf's DecodeError and the like: the bytes are not an ONNX model
+        raise InputError(f"{in_path} is not an ONNX model ({type(exc).__name__}: {exc}); pass a file written by an "
+                         "ONNX exporter (torch.onnx.export, bamboo export-onnx)") from None
     counts: dict[str, int] = {}
     for rule in rules:
         applied = orp.RewriteRuleSet([rule]).apply_to_model(model)
         if applied:
             counts[rule.name] = counts.get(rule.name, 0) + applied
-    out_path = Path(out_path)
     ir.save(model, str(out_path))
     onnx.checker.check_model(str(out_path), full_check=True)
     return {"rewritten": sum(counts.values()), "rules": counts}

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -151,3 +152,49 @@ def test_predictors_are_found_under_a_wrapper_path():
     assert Predictors([a]).find("xmodel.layers.0.mlp") is None  # suffixes match on whole path components
     assert Predictors([b, a]).find("wrapper.model.layers.0.mlp") is a  # the longest ending wins
     assert Predictors([a]).find("model.layers.1.mlp") is None
+
+
+def _copy(predictors):
+    return Predictors([dataclasses.replace(p, w_in=p.w_in.clone(), w_out=p.w_out.clone(), bias=p.bias.clone())
+                       for p in predictors.values()], predictors.meta)
+
+
+def test_nan_predictor_weights_are_refused_at_load_and_at_compile(model, predictors, tmp_path):
+    broken = _copy(predictors)
+    next(iter(broken.values())).w_out[0, 0] = float("nan")
+    broken.save(tmp_path / "nan.safetensors")
+    message = r"predictor for 'model.layers.0.mlp' has NaN or infinite values in w_out: it would compute no neurons"
+    with pytest.raises(InputError, match=message):
+        Predictors.load(tmp_path / "nan.safetensors")
+    with pytest.raises(InputError, match=message):  # in memory: refused by compile itself, before any call
+        bamboo.compile(model, sparsity="predictor", predictors=broken)
+
+
+@pytest.mark.parametrize("threshold", ["0.5", None, True, float("nan")])
+def test_threshold_that_is_not_a_number_is_refused_at_load(predictors, tmp_path, threshold):
+    broken = _copy(predictors)
+    next(iter(broken.values())).threshold = threshold
+    broken.save(tmp_path / "p.safetensors")
+    with pytest.raises(InputError, match=rf"predictor for 'model.layers.0.mlp' has threshold {threshold!r}, which is "
+                                         "not a number"):
+        Predictors.load(tmp_path / "p.safetensors")
+
+
+def test_inspect_checks_predictors_against_the_model(predictors):
+    other = BambooForCausalLM.from_config("austen-small", seed=1)
+    with pytest.raises(InputError, match="calibrated for different weights .* belong to another model"):
+        bamboo.inspect(other, (torch.tensor([[1, 2, 3]]),), predictors=predictors)
+
+
+def test_calibrate_refuses_rank_zero_before_any_work(model):
+    for rank in (0, -3, 2.5):
+        with pytest.raises(InputError, match=f"rank must be an integer >= 1, got {rank}"):
+            calibrate(model, [torch.tensor([[1, 2, 3]])] * 3, rank=rank)
+
+
+def test_predictor_file_to_an_unwritable_path(predictors, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(InputError, match="cannot write the predictor file to .*a-file/p.safetensors: its directory "):
+        predictors.save(tmp_path / "a-file" / "p.safetensors")
+    predictors.save(tmp_path / "missing" / "dir" / "p.safetensors")  # missing directories are created
+    assert len(Predictors.load(tmp_path / "missing" / "dir" / "p.safetensors")) == len(predictors)

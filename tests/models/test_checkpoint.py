@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bamboo.errors import CheckpointError
+from bamboo.errors import CheckpointError, InputError
 from bamboo.models import (
     BambooConfig,
     BambooForCausalLM,
@@ -12,8 +12,9 @@ from bamboo.models import (
 )
 
 
-def small_model(**overrides):
-    return BambooForCausalLM.from_config(BambooConfig.named("tiny", num_hidden_layers=2, vocab_size=512, **overrides))
+def small_model(seed=0, **overrides):
+    config = BambooConfig.named("tiny", num_hidden_layers=2, vocab_size=512, **overrides)
+    return BambooForCausalLM.from_config(config, seed=seed)
 
 
 def assert_identical(a, b):
@@ -58,7 +59,7 @@ def test_resaving_as_one_file_removes_old_shards(tmp_path):
 
 def test_missing_shard(tmp_path):
     small_model().save_pretrained(tmp_path, max_shard_size=200_000)
-    next(tmp_path.glob("model-00002-*.safetensors")).unlink()
+    next(tmp_path.glob("model-*-00002-of-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="missing shard"):
         BambooForCausalLM.from_pretrained(tmp_path)
 
@@ -95,13 +96,18 @@ def test_shape_mismatch(tmp_path):
         BambooForCausalLM.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
-def test_truncated_or_corrupt_file(tmp_path, damage):
+@pytest.mark.parametrize("damage, message", [
+    # each damage has its own message: a loader that lost the truncation check would report the generic one
+    ("truncate", r"model.safetensors is truncated: its header describes \d+ bytes but the file has \d+"),
+    ("garbage", r"not a valid safetensors file \(header length \d+ exceeds the file size"),
+    ("empty", r"not a valid safetensors file \(file is shorter than the 8-byte header length"),
+])
+def test_truncated_or_corrupt_file(tmp_path, damage, message):
     small_model().save_pretrained(tmp_path)
     path = tmp_path / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x10\x00" * 64, "empty": b""}[damage])
-    with pytest.raises(CheckpointError, match="truncated|corrupt|not a valid"):
+    with pytest.raises(CheckpointError, match=message):
         BambooForCausalLM.from_pretrained(tmp_path)
 
 
@@ -132,3 +138,89 @@ def test_not_a_directory(tmp_path):
     (tmp_path / "config.json").write_text(small_model().config.to_json_string())
     with pytest.raises(CheckpointError, match="no weights"):
         BambooForCausalLM.from_pretrained(tmp_path)
+
+
+# -- loading arguments: each wrong one named, never reported as a corrupt file ---------------------------------
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16),
+                                             ("torch.float32", torch.float32), ("auto", torch.float32)])
+def test_dtype_given_as_a_string(tmp_path, dtype, expected):
+    small_model().save_pretrained(tmp_path)
+    assert BambooForCausalLM.from_pretrained(tmp_path, dtype=dtype).lm_head.weight.dtype == expected
+
+
+@pytest.mark.parametrize("dtype, message", [(torch.int8, "torch.int8 is not a floating-point dtype"),
+                                            ("int8", "dtype='int8' is not a dtype bamboo loads weights in"),
+                                            (3, "dtype must be a torch.dtype or a name")])
+def test_non_float_dtype_is_refused(tmp_path, dtype, message):
+    small_model().save_pretrained(tmp_path)
+    with pytest.raises(InputError, match=message):
+        BambooForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_device_without_a_gpu_says_so(tmp_path):
+    small_model().save_pretrained(tmp_path)
+    with pytest.raises(InputError, match="no CUDA device is visible here") as info:
+        BambooForCausalLM.from_pretrained(tmp_path, device="cuda")
+    assert "corrupt" not in str(info.value)
+
+
+# -- damaged indexes and headers ---------------------------------------------------------------------------------
+
+def _edit_index(directory, edit):
+    path = directory / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    edit(index["weight_map"])
+    path.write_text(json.dumps(index))
+
+
+def test_index_mapping_a_tensor_to_a_shard_without_it(tmp_path):
+    small_model().save_pretrained(tmp_path, max_shard_size=200_000)
+    files = sorted({f for f in json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values()})
+    _edit_index(tmp_path, lambda m: m.update({"model.norm.weight": files[0] if m["model.norm.weight"] != files[0]
+                                              else files[1]}))
+    with pytest.raises(CheckpointError, match="maps tensor model.norm.weight to .* which does not hold it"):
+        BambooForCausalLM.from_pretrained(tmp_path)
+
+
+def test_index_entry_outside_the_checkpoint_directory_is_refused(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    small_model().save_pretrained(tmp_path / "ckpt", max_shard_size=200_000)
+    (tmp_path / "other").mkdir()
+    first = sorted((tmp_path / "ckpt").glob("model-*.safetensors"))[0]
+    (tmp_path / "other" / "x.safetensors").write_bytes(first.read_bytes())
+    _edit_index(tmp_path / "ckpt", lambda m: m.update({k: "../other/x.safetensors" for k, v in m.items()
+                                                       if v == first.name}))
+    with pytest.raises(CheckpointError, match=r"names the shard '../other/x.safetensors', outside the checkpoint"):
+        BambooForCausalLM.from_pretrained(tmp_path / "ckpt")
+
+
+def _write_raw_safetensors(path, header):
+    import struct
+
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 64)
+
+
+@pytest.mark.parametrize("header, message", [
+    ([1, 2, 3], "its header is a JSON list, not an object"),
+    ({"model.norm.weight": {"dtype": "F32", "shape": [128]}}, "'model.norm.weight' has no valid data_offsets"),
+    ({"model.norm.weight": {"dtype": "F32", "shape": "x", "data_offsets": [0, 4]}}, "has no valid shape"),
+    ({"model.norm.weight": [0, 4]}, "header entry of 'model.norm.weight' is not an object"),
+])
+def test_malformed_safetensors_header(tmp_path, header, message):
+    small_model().save_pretrained(tmp_path)
+    _write_raw_safetensors(tmp_path / "model.safetensors", header)
+    with pytest.raises(CheckpointError, match=message):
+        BambooForCausalLM.from_pretrained(tmp_path)
+
+
+def test_stale_scratch_of_a_killed_save_is_removed_by_the_next_save(tmp_path):
+    small_model().save_pretrained(tmp_path)
+    (tmp_path / ".bamboo-save-deadbeef").mkdir()  # what a save killed mid-way used to leave behind
+    (tmp_path / ".bamboo-save-deadbeef" / "model.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / ".bamboo-save-0badf00d-model.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / "model-0badf00d-00001-of-00002.safetensors").write_bytes(b"\0" * 1000)  # a shard no index names
+    small_model(seed=1).save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]

@@ -87,6 +87,21 @@ def test_bad_generation_inputs(model):
         model.generate(torch.ones(1, 4))
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(input_ids=torch.ones(0, 4, dtype=torch.long)), r"empty batch \(shape \(0, 4\)\): pass at least one prompt"),
+    (dict(max_new_tokens=8.0), r"max_new_tokens must be an integer >= 1, got 8.0"),
+    (dict(max_new_tokens=True), r"max_new_tokens must be an integer >= 1, got True"),
+    (dict(top_k=-1, do_sample=True), r"top_k must be an integer >= 0 \(0: no top-k filtering\), got -1"),
+    (dict(top_k=2.5), r"top_k must be an integer >= 0"),
+    (dict(temperature="hot"), r"temperature must be a number > 0"),
+])
+@torch.no_grad()
+def test_generation_arguments_of_the_wrong_type_or_value(model, kwargs, message):
+    kwargs = {"input_ids": torch.ones(1, 4, dtype=torch.long), **kwargs}
+    with pytest.raises(InputError, match=message):
+        model.generate(**kwargs)
+
+
 @torch.no_grad()
 def test_kept_cache_is_reused_and_gives_the_same_tokens(model):
     ids = torch.randint(0, 512, (2, 5))

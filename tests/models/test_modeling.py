@@ -120,6 +120,13 @@ def test_bad_inputs_raise_clear_errors():
         BambooModel({"hidden_size": 8})
 
 
+@pytest.mark.parametrize("bad_id", [512, 10_000, -1])
+def test_token_ids_outside_the_vocabulary_are_named_not_an_index_error(bad_id):
+    model = BambooForCausalLM.from_config(small_config())
+    with pytest.raises(InputError, match=rf"input_ids hold token id {bad_id}, outside the vocabulary \[0, 512\)"):
+        model(torch.tensor([[5, bad_id, 7]]))
+
+
 def test_model_compiles_without_graph_breaks():
     model = BambooForCausalLM.from_config(small_config()).eval()
     ids = torch.randint(0, 512, (2, 5))

@@ -159,3 +159,73 @@ def test_trained_model_through_onnx_runtime_in_exact_and_predictor_modes(tmp_pat
             with torch.no_grad():
                 dense, sparse = trained(text[:1, :3]), reference(text[:1, :3])
             assert not torch.allclose(dense, sparse, atol=1e-3), "the predictor dropped no neuron that mattered"
+
+
+# -- first contact: what a new user gets wrong, named before the export runs --------------------------------------
+
+def test_unwritable_output_is_refused_before_the_export(model, tmp_path, monkeypatch):
+    import bamboo.api
+
+    monkeypatch.setattr(bamboo.api, "export", lambda *a, **k: pytest.fail("exported before checking the path"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(InputError, match=r"cannot write the ONNX file to .*a-file/m.onnx: its directory .* cannot be "
+                                         "created .*choose a writable path"):
+        bamboo.export_onnx(model, (torch.ones(2, 3, dtype=torch.long),), tmp_path / "a-file" / "m.onnx")
+    with pytest.raises(InputError, match="it is a directory; give a file path"):
+        bamboo.export_onnx(model, (torch.ones(2, 3, dtype=torch.long),), tmp_path)
+
+
+def test_bfloat16_export_warns_that_ort_cpu_cannot_run_it(model, tmp_path, monkeypatch):
+    import bamboo.api
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(bamboo.api, "export", stop)  # the warning comes first; the export itself is not needed
+    bf16 = BambooForCausalLM.from_config(BambooConfig.named("tiny", num_hidden_layers=1, vocab_size=64),
+                                         dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="the model is bfloat16; ONNX Runtime's CPU execution provider has no "
+                                         r"bfloat16 kernels .* export model.float\(\)"), pytest.raises(Stop):
+        bamboo.export_onnx(bf16, (torch.ones(2, 3, dtype=torch.long),), tmp_path / "m.onnx")
+
+
+def test_bfloat16_model_through_the_onnxruntime_backend_is_refused_at_compile():
+    bf16 = BambooForCausalLM.from_config(BambooConfig.named("tiny", num_hidden_layers=1, vocab_size=64),
+                                         dtype=torch.bfloat16)
+    with pytest.raises(CompileError, match=r"cannot run a bfloat16 model: .*compile model.float\(\) for the CPU"):
+        bamboo.compile(bf16, backend="onnxruntime")
+
+
+def test_static_shapes_from_size_one_examples_warn(tmp_path, capfd):
+    with pytest.warns(UserWarning, match=r"in m1.onnx, input\(s\) input \(1, 4\) have batch or sequence "
+                                         "fixed to 1: .*batch and sequence >= 2"):
+        bamboo.export_onnx(torch.nn.Linear(4, 4), (torch.randn(1, 4),), tmp_path / "m1.onnx", sparsity="dense")
+    assert "torchvision is not installed" not in capfd.readouterr().err  # the exporter's notice is filtered out
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        bamboo.export_onnx(torch.nn.Linear(4, 4), (torch.randn(2, 4),), tmp_path / "m2.onnx", sparsity="dense")
+
+
+def test_torchvision_notice_is_dropped_while_bamboo_exports_only():
+    import logging
+
+    from bamboo.onnx.export import without_torchvision_notice
+
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        with without_torchvision_notice():
+            logger.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+            logger.warning("another warning")
+        logger.warning("torchvision is not installed. Skipping %s", "torchvision::nms")  # the user's own exports
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["another warning", "torchvision is not installed. Skipping torchvision::nms"]

@@ -67,3 +67,14 @@ def test_optimize_stays_callable_after_use(tmp_path):
     module = ZooFFN("drelu", "F.relu", "nn.Linear")
     optimize(plain_export(module, torch.randn(3, 16), tmp_path / "p.onnx"), tmp_path / "s.onnx")
     assert callable(bamboo.onnx.optimize) and callable(bamboo.calibrate)  # no submodule shadows the functions
+
+
+@pytest.mark.parametrize("content", [b"this is not onnx", b"\x08\x07\x12\xff\xff"])
+def test_a_file_that_is_not_onnx_is_named(tmp_path, content):
+    from bamboo.errors import InputError
+
+    (tmp_path / "in.onnx").write_bytes(content)
+    with pytest.raises(InputError, match=r"in.onnx is not an ONNX model \(.*\); pass a file written by an ONNX exporter"):
+        optimize(tmp_path / "in.onnx", tmp_path / "out.onnx")
+    with pytest.raises(InputError, match="does not exist"):
+        optimize(tmp_path / "missing.onnx", tmp_path / "out.onnx")
