@@ -174,14 +174,8 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
     """
     check_backend_options(backend, backend_options)
     predictors = _check_sparsity(sparsity, predictors)
-    if backend == "onnxruntime":
-        from bamboo.backends.onnxruntime import OnnxRuntimeModule
-
-        return OnnxRuntimeModule(model, sparsity=sparsity, predictors=predictors, **backend_options)
-    if backend == "tensorrt":
-        from bamboo.backends.tensorrt import TensorRTModule
-
-        return TensorRTModule(model, sparsity=sparsity, predictors=predictors, **backend_options)
+    if backend in ("onnxruntime", "tensorrt"):
+        return _program_backend(model, backend, sparsity, predictors, backend_options)
     if not (isinstance(model, torch.nn.Module) or callable(model)):
         raise InputError(f"bamboo.compile needs an nn.Module or a callable, got {type(model).__name__}")
     _raise_recompile_limit()
@@ -201,6 +195,82 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
     if table:  # the predictor table lives as long as the compiled model
         weakref.finalize(compiled, unregister_predictor_table, table)
     return compiled
+
+
+def _program_backend(model, backend: str, sparsity: str, predictors, options: dict):
+    """A program backend fed by bamboo.export of `model` with the examples it is built from."""
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"backend {backend!r} exports the model: it needs an nn.Module, got {type(model).__name__}")
+
+    def make_program(args):
+        return export(model, args, sparsity=sparsity, predictors=predictors)
+
+    if backend == "onnxruntime":
+        from bamboo.backends.onnxruntime import BFLOAT16_REFUSAL, OnnxRuntimeModule
+
+        if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+            raise CompileError(BFLOAT16_REFUSAL)
+        return OnnxRuntimeModule(make_program, **options)
+    from bamboo.backends.tensorrt import TensorRTModule
+
+    return TensorRTModule(make_program, **options)
+
+
+def export_onnx(model: torch.nn.Module, example_inputs, path, *, sparsity: str = "exact", predictors=None,
+                dynamic: bool = True, opset: int | None = None, external_data: bool | None = None,
+                static_shapes: bool = False):
+    """Write `model` as ONNX to `path` (checked writable first) and return the path: bamboo.export, then the
+    ONNX lowering of bamboo::sparse_ffn in standard ops, checked with onnx.checker.
+
+    sparsity: "exact" | "predictor" (with predictors=) | "dense". With dynamic=True, batch and sequence dims
+    stay dynamic (use examples with both >= 2). Weights go to an external data file beside `path` when the
+    model is over 2 GB (or when external_data=True). static_shapes=True lowers the FFN without data-dependent
+    shapes (the TensorRT profile; see export_tensorrt_onnx).
+    """
+    from bamboo.errors import require
+    from bamboo.onnx.export import OPSET, check_opset, warn_if_bfloat16, without_torchvision_notice, write_onnx
+    from bamboo.outputs import prepare_output
+
+    require("onnx", "onnx", "bamboo.export_onnx")
+    require("onnxscript", "onnx", "bamboo.export_onnx")
+    opset = OPSET if opset is None else opset
+    check_opset(opset)
+    path = prepare_output(path, "ONNX file")  # before the export, which takes minutes on a large model
+    args = normalize_example_inputs(example_inputs)
+    warn_if_bfloat16(model, args)
+    with warnings.catch_warnings(), without_torchvision_notice():
+        warnings.simplefilter("ignore")
+        program = export(model, args, sparsity=sparsity, predictors=predictors, dynamic=dynamic)
+    return write_onnx(program, args, path, opset=opset, external_data=external_data, static_shapes=static_shapes,
+                      dynamic=dynamic)
+
+
+def export_tensorrt_onnx(model, example_inputs, path, *, sparsity: str = "exact", predictors=None,
+                         profiles: dict | None = None, max_batch: int = 16, max_seq: int = 2048):
+    """ONNX in bamboo's TensorRT profile (static shapes, static TopK k <= 3840, optimization profiles in the
+    metadata), checked against it: what TensorRT's ONNX parser and bamboo.onnx.tensorrt_profile's
+    build_tensorrt_engine take."""
+    from bamboo.onnx.tensorrt_profile import check_predictor_caps, finish_tensorrt_profile
+
+    predictors = _check_sparsity(sparsity, predictors)
+    check_predictor_caps(predictors)
+    path = export_onnx(model, example_inputs, path, sparsity=sparsity, predictors=predictors, static_shapes=True)
+    return finish_tensorrt_profile(path, example_inputs, profiles, max_batch, max_seq)
+
+
+def export_tensorrt(model: torch.nn.Module, example_inputs, path, *, sparsity: str = "exact", predictors=None,
+                    **trt_options):
+    """Compile `model` with torch-tensorrt (bamboo::sparse_ffn through bamboo's converter) and save it with
+    torch_tensorrt.save: an ExportedProgram holding the engines. Needs torch-tensorrt, TensorRT and a GPU; the
+    checks run before any export."""
+    from bamboo.backends.tensorrt import TensorRTModule
+    from bamboo.outputs import prepare_output
+
+    predictors = _check_sparsity(sparsity, predictors)
+    path = prepare_output(path, "TensorRT program")
+    args = normalize_example_inputs(example_inputs)
+    module = TensorRTModule(lambda a: export(model, a, sparsity=sparsity, predictors=predictors), **trt_options)
+    return module.save(path, args)
 
 
 def inductor_pass(sparsity: str = "exact", predictors=None):

@@ -149,8 +149,9 @@ def _cmd_export_onnx(args) -> int:
 
 
 def _cmd_export_tensorrt(args) -> int:
+    from bamboo.api import export_tensorrt_onnx
     from bamboo.errors import BambooError
-    from bamboo.onnx.tensorrt_profile import _tensorrt, build_tensorrt_engine, export_tensorrt_onnx
+    from bamboo.onnx.tensorrt_profile import _tensorrt, build_tensorrt_engine
 
     if args.engine:  # checked first: exiting 0 without the engine that was asked for would hide the failure
         try:

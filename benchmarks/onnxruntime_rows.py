@@ -24,7 +24,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bamboo  # noqa: E402
-from bamboo.backends.onnxruntime import OnnxRuntimeModule  # noqa: E402
 from bamboo.models import BambooConfig, BambooForCausalLM  # noqa: E402
 from bamboo.models.decode_step import BambooDecodeStep, greedy_generate_with_step  # noqa: E402
 from bamboo.models.modeling import BambooMLP  # noqa: E402
@@ -66,8 +65,8 @@ def ffn_rows(config, device, dtype, batches, fractions, reps, workdir, bandwidth
     modes += [(f"predictor {f:.0%}", "predictor", forced_k_predictors({"mlp": model.mlp}, f)) for f in fractions]
     sessions = {}
     for label, mode, predictors in modes:
-        module = OnnxRuntimeModule(model, sparsity=mode, predictors=predictors,
-                                   path=workdir / f"ffn_{label.replace(' ', '_').replace('%', '')}.onnx",
+        module = bamboo.compile(model, backend="onnxruntime", sparsity=mode, predictors=predictors,
+                               path=workdir / f"ffn_{label.replace(' ', '_').replace('%', '')}.onnx",
                                    example_inputs=(torch.randn(2, 2, hidden, device=device, dtype=dtype),))
         check_provider(module.session, device)
         sessions[label] = (module, predictors)
@@ -105,8 +104,8 @@ def decode_rows(config, device, dtype, batches, fractions, prompt_len, new_token
     examples = step.example_inputs(prompt_len + new_tokens)
     rows = []
     for label, mode, predictors in modes:
-        module = OnnxRuntimeModule(step, sparsity=mode, predictors=predictors,
-                                   path=workdir / f"step_{label.replace(' ', '_').replace('%', '')}.onnx",
+        module = bamboo.compile(step, backend="onnxruntime", sparsity=mode, predictors=predictors,
+                               path=workdir / f"step_{label.replace(' ', '_').replace('%', '')}.onnx",
                                    example_inputs=examples)
         check_provider(module.session, device)
         for batch in batches:

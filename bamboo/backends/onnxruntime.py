@@ -15,6 +15,10 @@ import torch
 from bamboo.errors import CompileError, InputError, require
 from bamboo.graph.capture import normalize_example_inputs
 
+BFLOAT16_REFUSAL = ("the onnxruntime backend cannot run a bfloat16 model: ONNX Runtime's CPU execution provider has "
+                    "no bfloat16 kernels (Mul fails with NOT_IMPLEMENTED) and its CUDA provider has no bfloat16 "
+                    "TopK; compile model.float() for the CPU or model.half() for the CUDA provider")
+
 
 def _check_providers(ort, providers):
     available = ort.get_available_providers()
@@ -26,15 +30,13 @@ def _check_providers(ort, providers):
 
 
 class OnnxRuntimeModule:
-    def __init__(self, model: torch.nn.Module, sparsity: str = "exact", predictors=None, providers=None,
-                 session_options=None, path=None, example_inputs=None):
+    """A program backend: `make_program(args)` gives the ExportedProgram (with the rewrite) for example inputs;
+    it is written as ONNX at the first call (or at once with `example_inputs`) and run in an InferenceSession.
+    bamboo.compile(model, backend="onnxruntime", ...) builds one."""
+
+    def __init__(self, make_program, providers=None, session_options=None, path=None, example_inputs=None):
         self.ort = require("onnxruntime", "onnx", "the onnxruntime backend")
-        if isinstance(model, torch.nn.Module) and any(p.dtype == torch.bfloat16 for p in model.parameters()):
-            raise CompileError("the onnxruntime backend cannot run a bfloat16 model: ONNX Runtime's CPU execution "
-                               "provider has no bfloat16 kernels (Mul fails with NOT_IMPLEMENTED) and its CUDA "
-                               "provider has no bfloat16 TopK; compile model.float() for the CPU or model.half() "
-                               "for the CUDA provider")
-        self.model, self.sparsity, self.predictors = model, sparsity, predictors
+        self.make_program = make_program
         self.session_options = session_options
         self.requested_providers = providers
         self.path = Path(path) if path else None
@@ -54,15 +56,18 @@ class OnnxRuntimeModule:
         return providers
 
     def _build(self, args):
-        from bamboo.onnx.export import export_onnx
+        from bamboo.onnx.export import write_onnx
 
+        if any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+            raise CompileError(BFLOAT16_REFUSAL)
         if self.path is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="bamboo-onnx-")
             self.path = Path(self._tmp.name) / "model.onnx"
         # Examples of size 1 would fix those dims: export with batch and sequence of at least 2.
         examples = tuple(a.expand(*[max(d, 2) if i < 2 else d for i, d in enumerate(a.shape)]).contiguous()
                          if isinstance(a, torch.Tensor) and a.dim() >= 1 else a for a in args)
-        export_onnx(self.model, examples, self.path, sparsity=self.sparsity, predictors=self.predictors)
+        examples = normalize_example_inputs(examples)
+        write_onnx(self.make_program(examples), examples, self.path)
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         self.session = self.ort.InferenceSession(str(self.path), sess_options=self.session_options,
                                                  providers=self._providers(device))

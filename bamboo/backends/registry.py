@@ -1,5 +1,8 @@
-"""One registry of backends, one interface: `compile_graph(gm, example_inputs) -> callable`, the shape of a
-torch.compile backend. A backend sees only a rewritten graph; it never imports a pass."""
+"""Two kinds of backend, one interface each. Graph backends (eager, inductor), in this registry:
+`compile_graph(gm, example_inputs) -> callable`, the shape of a torch.compile backend, given each rewritten
+Dynamo graph. Program backends (onnxruntime, tensorrt): a module built from `make_program(args)`, which gives
+the rewritten ExportedProgram for example inputs; they run the whole program. bamboo.api captures or exports
+and hands each what it takes; a backend never imports a pass or the api."""
 from __future__ import annotations
 
 from typing import Callable
@@ -62,7 +65,7 @@ def check_backend_options(name: str, options: dict) -> None:
     params = [] if cls.__init__ is object.__init__ else inspect.signature(cls.__init__).parameters.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):  # passes its options on (torch-tensorrt's)
         return
-    accepted = [p.name for p in params if p.name not in ("self", "model", "sparsity", "predictors")]
+    accepted = [p.name for p in params if p.name not in ("self", "make_program")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         takes = f"its options are {accepted}" if accepted else "it takes no options of its own"

@@ -163,24 +163,29 @@ def register_sparse_ffn_converter() -> None:
 
 
 class TensorRTModule:
-    """bamboo.compile(model, backend="tensorrt"): exports with the rewrite at the first call, compiles the
-    ExportedProgram with torch-tensorrt (the rest of the graph converted by torch-tensorrt's own converters),
-    then runs the compiled module."""
+    """A program backend: `make_program(args)` gives the ExportedProgram (with the rewrite) for example inputs;
+    at the first call it is compiled with torch-tensorrt (the rest of the graph converted by torch-tensorrt's own
+    converters), then the compiled module runs. bamboo.compile(model, backend="tensorrt") builds one."""
 
-    def __init__(self, model, sparsity="exact", predictors=None, enabled_precisions=None, **trt_options):
+    def __init__(self, make_program, enabled_precisions=None, **trt_options):
         self.torch_tensorrt = require_torch_tensorrt()
-        self.model, self.sparsity, self.predictors = model, sparsity, predictors
+        self.make_program = make_program
         self.options = dict(trt_options)
-        self.enabled_precisions = enabled_precisions or {next(model.parameters()).dtype}
+        self.enabled_precisions = enabled_precisions
         self.compiled = None
 
     def compile(self, args):
-        from bamboo.api import export
-
-        program = export(self.model, args, sparsity=self.sparsity, predictors=self.predictors)
+        program = self.make_program(args)
+        precisions = self.enabled_precisions or {next(iter(program.state_dict.values())).dtype}
         self.compiled = self.torch_tensorrt.dynamo.compile(program, inputs=list(args), min_block_size=1,
-                                                           enabled_precisions=self.enabled_precisions, **self.options)
+                                                           enabled_precisions=precisions, **self.options)
         return self.compiled
+
+    def save(self, path, args) -> Path:
+        """torch_tensorrt.save of the compiled module (an ExportedProgram holding the engines)."""
+        compiled = self.compiled if self.compiled is not None else self.compile(args)
+        self.torch_tensorrt.save(compiled, str(path), inputs=list(args))
+        return Path(path)
 
     def __call__(self, *args):
         if self.compiled is None:
@@ -188,18 +193,4 @@ class TensorRTModule:
         return self.compiled(*args)
 
 
-def export_tensorrt(model, example_inputs, path, *, sparsity="exact", predictors=None, **trt_options) -> Path:
-    """Compile with torch-tensorrt and save with torch_tensorrt.save (an ExportedProgram holding the engines)."""
-    from bamboo.api import _check_sparsity
-
-    predictors = _check_sparsity(sparsity, predictors)
-    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    module = TensorRTModule(model, sparsity, predictors, **trt_options)
-    compiled = module.compile(args)
-    path = Path(path)
-    module.torch_tensorrt.save(compiled, str(path), inputs=list(args))
-    return path
-
-
-
-__all__ = ["TensorRTModule", "export_tensorrt", "register_sparse_ffn_converter", "require_torch_tensorrt"]
+__all__ = ["TensorRTModule", "register_sparse_ffn_converter", "require_torch_tensorrt"]

@@ -1,7 +1,8 @@
-"""ONNX: export with the sparse FFN lowered to standard ops, and the rewrite of foreign ONNX graphs."""
-from bamboo.onnx.export import export_onnx
+"""ONNX: an exported program with the sparse FFN lowered to standard ops (bamboo.export_onnx is the entry point
+from a model), and the rewrite of foreign ONNX graphs."""
+from bamboo.onnx.export import write_onnx
 
-__all__ = ["export_onnx", "optimize"]
+__all__ = ["optimize", "write_onnx"]
 
 
 def optimize(in_path, out_path, mode: str = "exact"):

@@ -1,5 +1,6 @@
-"""bamboo.export_onnx: the model with its FFNs rewritten, through the torch.onnx dynamo exporter, with
-bamboo::sparse_ffn lowered to standard ONNX ops; checked with onnx.checker."""
+"""ONNX from an ExportedProgram with its FFNs rewritten (bamboo.export_onnx exports the model, then calls
+write_onnx): the torch.onnx dynamo exporter with bamboo::sparse_ffn lowered to standard ONNX ops, checked with
+onnx.checker."""
 from __future__ import annotations
 
 import contextlib
@@ -10,38 +11,24 @@ from pathlib import Path
 import torch
 
 from bamboo.errors import CompileError, require
-from bamboo.outputs import prepare_output
 
 OPSET = 18
 TWO_GB = 2 * 1024**3
 
 
-def export_onnx(model: torch.nn.Module, example_inputs, path, *, sparsity: str = "exact", predictors=None,
-                dynamic: bool = True, opset: int = OPSET, external_data: bool | None = None,
-                static_shapes: bool = False) -> Path:
-    """Write `model` as ONNX to `path` and return the path.
-
-    sparsity: "exact" | "predictor" (with predictors=) | "dense". With dynamic=True, batch and sequence dims
-    stay dynamic (use examples with both >= 2). Weights go to an external data file beside `path` when the
-    model is over 2 GB (or when external_data=True). static_shapes=True lowers the FFN without data-dependent
-    shapes (the TensorRT profile; see bamboo.onnx.tensorrt_profile).
-    """
-    require("onnx", "onnx", "bamboo.export_onnx")
-    require("onnxscript", "onnx", "bamboo.export_onnx")
-    import onnx
-
-    from bamboo.api import export
-    from bamboo.graph.capture import normalize_example_inputs
+def write_onnx(program: torch.export.ExportedProgram, args: tuple, path: Path, *, opset: int = OPSET,
+               external_data: bool | None = None, static_shapes: bool = False, dynamic: bool = True) -> Path:
+    """Lower an ExportedProgram (bamboo::sparse_ffn included) to ONNX at `path` (already checked writable) and
+    check the file with onnx.checker. Weights go to an external data file beside `path` when the program is over
+    2 GB (or when external_data=True). static_shapes=True lowers the FFN without data-dependent shapes (the
+    TensorRT profile; see bamboo.onnx.tensorrt_profile)."""
+    onnx = require("onnx", "onnx", "ONNX export")
+    require("onnxscript", "onnx", "ONNX export")
     from bamboo.ops.sparse_ffn_onnx import sparse_ffn_translation, sparse_ffn_translation_static
 
-    if opset < OPSET:
-        raise CompileError(f"bamboo.export_onnx needs opset >= {OPSET}, got {opset}")
-    path = prepare_output(path, "ONNX file")  # before the export, which takes minutes on a large model
-    args = normalize_example_inputs(example_inputs)
-    _warn_if_bfloat16(model, args)
+    check_opset(opset)
     with warnings.catch_warnings(), without_torchvision_notice():
         warnings.simplefilter("ignore")
-        program = export(model, args, sparsity=sparsity, predictors=predictors, dynamic=dynamic)
         try:
             onnx_program = torch.onnx.export(
                 program, args, dynamo=True, opset_version=opset, verbose=False,
@@ -49,13 +36,13 @@ def export_onnx(model: torch.nn.Module, example_inputs, path, *, sparsity: str =
                                           sparse_ffn_translation_static if static_shapes else sparse_ffn_translation})
         except Exception as exc:
             summary = "\n".join(str(exc).strip().splitlines()[:6])
-            raise CompileError(f"ONNX export of {type(model).__name__} failed:\n{summary}") from exc
+            raise CompileError(f"ONNX export failed:\n{summary}") from exc
     fixed = _inputs_with_fixed_unit_dims(onnx_program.model_proto) if dynamic else []
     if fixed:
         warnings.warn(f"bamboo.export_onnx: in {path.name}, input(s) {'; '.join(fixed)} have batch or sequence fixed to 1: "
                       "torch.export specializes dims whose example size is 1, so the file only runs on that size; "
                       "export from examples with batch and sequence >= 2 (e.g. torch.zeros(2, 8, dtype=torch.long)) "
-                      "to keep them dynamic", stacklevel=2)
+                      "to keep them dynamic", stacklevel=3)
     size = sum(p.numel() * p.element_size() for p in program.state_dict.values())
     size += sum(t.numel() * t.element_size() for t in program.constants.values() if isinstance(t, torch.Tensor))
     use_external = external_data if external_data is not None else size > TWO_GB
@@ -64,7 +51,12 @@ def export_onnx(model: torch.nn.Module, example_inputs, path, *, sparsity: str =
     return path
 
 
-def _warn_if_bfloat16(model, args) -> None:
+def check_opset(opset: int) -> None:
+    if opset < OPSET:
+        raise CompileError(f"bamboo.export_onnx needs opset >= {OPSET}, got {opset}")
+
+
+def warn_if_bfloat16(model, args) -> None:
     tensors = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
     tensors += [a for a in args if isinstance(a, torch.Tensor)]
     if any(t.dtype == torch.bfloat16 for t in tensors):

@@ -105,21 +105,20 @@ def default_profiles(example_inputs, names, max_batch: int = 16, max_seq: int = 
     return profiles
 
 
-def export_tensorrt_onnx(model, example_inputs, path, *, sparsity: str = "exact", predictors=None,
-                         profiles: dict | None = None, max_batch: int = 16, max_seq: int = 2048) -> Path:
-    """Export in the TensorRT profile and check it; raises CompileError listing violations if any remain."""
-    onnx = require("onnx", "onnx", "the TensorRT ONNX export")
-    from bamboo.api import _check_sparsity
-    from bamboo.onnx.export import export_onnx
+def check_predictor_caps(predictors) -> None:
+    """TensorRT's TopK takes a static k of at most 3840: refuse larger caps before exporting."""
+    for p in (predictors or {}).values():
+        if p.top_k > TENSORRT_MAX_TOPK:
+            raise InputError(f"predictor cap k={p.top_k} for {p.module!r} exceeds TensorRT's TopK limit of "
+                             f"{TENSORRT_MAX_TOPK}; lower the cap (or use 0: then every neuron is computed and "
+                             "masked by the threshold)")
 
-    predictors = _check_sparsity(sparsity, predictors)
-    if predictors is not None:
-        for p in predictors.values():
-            if p.top_k > TENSORRT_MAX_TOPK:
-                raise InputError(f"predictor cap k={p.top_k} for {p.module!r} exceeds TensorRT's TopK limit of "
-                                 f"{TENSORRT_MAX_TOPK}; lower the cap (or use 0: then every neuron is computed and "
-                                 "masked by the threshold)")
-    path = export_onnx(model, example_inputs, path, sparsity=sparsity, predictors=predictors, static_shapes=True)
+
+def finish_tensorrt_profile(path, example_inputs, profiles: dict | None = None, max_batch: int = 16,
+                            max_seq: int = 2048) -> Path:
+    """Store the optimization profiles in an exported ONNX file's metadata and check the file against the
+    profile; raises CompileError listing violations if any remain."""
+    onnx = require("onnx", "onnx", "the TensorRT ONNX export")
     proto = onnx.load(str(path), load_external_data=False)
     names = [i.name for i in proto.graph.input]
     examples = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -130,7 +129,7 @@ def export_tensorrt_onnx(model, example_inputs, path, *, sparsity: str = "exact"
     violations = check_tensorrt_profile(proto)
     if violations:
         raise CompileError("the export left TensorRT's profile:\n  " + "\n  ".join(map(str, violations)))
-    return path
+    return Path(path)
 
 
 def _tensorrt():

@@ -6,8 +6,9 @@ ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed
 import onnx  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
+import bamboo  # noqa: E402
 from bamboo.backends import onnxruntime as ort_backend  # noqa: E402
-from bamboo.backends.onnxruntime import OnnxRuntimeModule, run_with_iobinding  # noqa: E402
+from bamboo.backends.onnxruntime import run_with_iobinding  # noqa: E402
 from bamboo.errors import InputError  # noqa: E402
 
 
@@ -60,7 +61,8 @@ def test_bfloat16_inputs_are_refused_with_the_fix(tmp_path):
 
 
 def test_wrong_number_of_inputs(tmp_path):
-    module = OnnxRuntimeModule(torch.nn.Linear(4, 4), path=tmp_path / "lin.onnx", example_inputs=(torch.randn(2, 4),))
+    module = bamboo.compile(torch.nn.Linear(4, 4), backend="onnxruntime", sparsity="dense", path=tmp_path / "lin.onnx",
+                            example_inputs=(torch.randn(2, 4),))
     with pytest.raises(InputError, match="takes 1 tensor input"):
         module(torch.randn(2, 4), torch.randn(2, 4))
     torch.testing.assert_close(module(torch.randn(3, 4)).shape, torch.Size([3, 4]))

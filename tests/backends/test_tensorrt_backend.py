@@ -27,6 +27,15 @@ def test_missing_torch_tensorrt_is_a_clear_error(model):
         bamboo.compile(model, backend="tensorrt")
 
 
+@pytest.mark.skipif(HAS_TORCH_TENSORRT, reason="torch-tensorrt is installed: the missing-dependency error cannot show")
+def test_export_tensorrt_names_the_missing_dependency_before_exporting(model, tmp_path, monkeypatch):
+    exported = []
+    monkeypatch.setattr(bamboo.api, "export", lambda *a, **k: exported.append(a))
+    with pytest.raises(MissingDependencyError, match=r"torch-tensorrt.*bamboo-compiler\[tensorrt\]"):
+        bamboo.export_tensorrt(model, (torch.randint(0, 512, (2, 8)),), tmp_path / "m.ep")
+    assert not exported  # refused before the export
+
+
 @pytest.mark.skipif(not HAS_TORCH_TENSORRT or torch.cuda.is_available(), reason="needs torch-tensorrt without a GPU")
 def test_no_cuda_device_is_a_clear_error(model):
     with pytest.raises(CompileError, match="needs an NVIDIA GPU"):
@@ -36,7 +45,7 @@ def test_no_cuda_device_is_a_clear_error(model):
 @needs_tensorrt
 @pytest.mark.parametrize("sparsity", ["exact", "predictor"])
 def test_tensorrt_backend_matches_pytorch(model, sparsity, tmp_path):
-    from bamboo.backends.tensorrt import export_tensorrt
+    from bamboo import export_tensorrt
     from tests.onnx.test_export_onnx import random_predictors
 
     gpu_model = model.to("cuda", torch.float16)

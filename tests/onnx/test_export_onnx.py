@@ -9,7 +9,6 @@ ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed
 import onnx  # noqa: E402
 
 import bamboo  # noqa: E402
-from bamboo.backends.onnxruntime import OnnxRuntimeModule  # noqa: E402
 from bamboo.calibrate.predictors import LayerPredictor, Predictors, fingerprint  # noqa: E402
 from bamboo.errors import CompileError, InputError  # noqa: E402
 from bamboo.models import BambooConfig, BambooForCausalLM  # noqa: E402
@@ -68,7 +67,8 @@ def test_decode_step_with_kv_cache_reproduces_generated_tokens(model, tmp_path, 
     step = BambooDecodeStep(model)
     examples = step.example_inputs(24)
     cache = list(examples[4:])  # empty
-    onnx_step = OnnxRuntimeModule(step, sparsity="exact", path=tmp_path / "step.onnx", example_inputs=examples)
+    onnx_step = bamboo.compile(step, backend="onnxruntime", sparsity="exact", path=tmp_path / "step.onnx",
+                               example_inputs=examples)
     names = [i.name for i in onnx_step.session.get_inputs()]
     assert len(names) == 4 + 4 and len(onnx_step.session.get_outputs()) == 1 + 4
     prompt = torch.randint(0, 512, (2, 6))
@@ -83,8 +83,8 @@ def test_predictor_mode_decode_step_reproduces_the_compiled_model_tokens(model, 
     step = BambooDecodeStep(model)
     examples = step.example_inputs(24)
     cache = list(examples[4:])  # empty
-    onnx_step = OnnxRuntimeModule(step, sparsity="predictor", predictors=predictors, path=tmp_path / "step.onnx",
-                                  example_inputs=examples)
+    onnx_step = bamboo.compile(step, backend="onnxruntime", sparsity="predictor", predictors=predictors,
+                               path=tmp_path / "step.onnx", example_inputs=examples)
     assert "TopK" in op_types(tmp_path / "step.onnx")
     prompt = torch.randint(0, 512, (2, 6))
     with torch.no_grad():

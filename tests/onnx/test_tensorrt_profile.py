@@ -10,12 +10,12 @@ import onnx  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
 import bamboo  # noqa: E402
+from bamboo import export_tensorrt_onnx  # noqa: E402
 from bamboo.errors import InputError  # noqa: E402
 from bamboo.onnx.tensorrt_profile import (  # noqa: E402
     PROFILE_KEY,
     build_tensorrt_engine,
     check_tensorrt_profile,
-    export_tensorrt_onnx,
 )
 from tests.onnx.test_export_onnx import random_predictors  # noqa: E402
 
