@@ -1,5 +1,8 @@
 """bamboo: compile ReLU-sparse LLMs so that their FFNs read only the weight rows of neurons that fire."""
-from bamboo import ops  # noqa: F401  (registers torch.ops.bamboo.*)
+from bamboo import (
+    integrations,  # noqa: F401  (adapters and Auto classes for installed libraries)
+    ops,  # noqa: F401  (registers torch.ops.bamboo.*)
+)
 from bamboo.api import compile, export, inspect
 from bamboo.calibrate.train_predictors import calibrate as _calibrate
 from bamboo.errors import BambooError

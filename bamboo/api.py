@@ -14,6 +14,7 @@ import torch.fx as fx
 from bamboo.backends import get_backend
 from bamboo.errors import CompileError, InputError
 from bamboo.graph.capture import (
+    adapted,
     copy_graph_module,
     export_program,
     normalize_example_inputs,
@@ -158,6 +159,19 @@ def _surface_bamboo_errors(compiled_fn):
     return run
 
 
+def _under_adapters(model, compiled_fn):
+    """Each call runs under the capture adapters registered for the model's library (bamboo.integrations:
+    a transformers MoE runs its experts one at a time, so Dynamo sees each expert's FFN)."""
+    import functools
+
+    @functools.wraps(compiled_fn)
+    def run(*args, **kwargs):
+        with adapted(model, {}, "compile"):
+            return compiled_fn(*args, **kwargs)
+
+    return run
+
+
 def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictors=None,
             dynamic: Optional[bool] = None, fullgraph: bool = False, dump_dir=None, **backend_options):
     """A module with `model`'s call signature whose FFNs run as bamboo::sparse_ffn.
@@ -190,8 +204,8 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
                                          **backend_options)
     if isinstance(model, torch.nn.Module):
         compiled = copy.copy(model)
-        compiled.forward = _surface_bamboo_errors(
-            torch.compile(model.forward, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph))
+        compiled.forward = _under_adapters(model, _surface_bamboo_errors(
+            torch.compile(model.forward, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph)))
     else:
         compiled = _surface_bamboo_errors(torch.compile(model, backend=dynamo_backend, dynamic=dynamic,
                                                         fullgraph=fullgraph))
@@ -205,7 +219,8 @@ def inspect(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dic
             predictors=None) -> SiteTable:
     """The FFN sites bamboo would rewrite (and the candidates it refused, with the reason). With `predictors`,
     the table also shows each site's predictor threshold, cap and measured recall and density."""
-    program = export_program(model, example_inputs, example_kwargs, dynamic=False)
+    with adapted(model, example_kwargs, "export") as example_kwargs:
+        program = export_program(model, example_inputs, example_kwargs, dynamic=False)
     report = detect_ffn_sites(program.graph)
     extra = None
     if predictors is not None:
@@ -246,6 +261,11 @@ def export(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict
     """
     predictors = _check_sparsity(sparsity, predictors)
     args = normalize_example_inputs(example_inputs)
+    with adapted(model, example_kwargs, "export") as example_kwargs:
+        return _export_rewritten(model, args, example_kwargs, sparsity, predictors, dynamic, dump_dir)
+
+
+def _export_rewritten(model, args, example_kwargs, sparsity, predictors, dynamic, dump_dir):
     program = export_program(model, args, example_kwargs, dynamic)
     if sparsity == "dense":
         return program
