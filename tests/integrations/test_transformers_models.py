@@ -91,3 +91,23 @@ def test_export_onnx_runs_in_onnxruntime_and_equals_the_model(family, tmp_path):
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
     assert "NonZero" in ops  # the exact-mode lowering of bamboo::sparse_ffn, not a dense FFN
+
+
+def test_predictor_mode_through_calibrate_on_a_transformers_model():
+    m = model("llama")
+    batches = [torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    predictors = bamboo.calibrate(m, batches, rank=8, target_recall=1.0, epochs=1, progress=False)
+    assert len(predictors) == 2
+    opt = bamboo.compile(m, sparsity="predictor", predictors=predictors)
+    with torch.no_grad():
+        out = logits(opt(IDS[:1, :1]))  # one row: the predictor selects (larger calls run dense)
+        ref = logits(m(IDS[:1, :1]))
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert [s.kind for s in opt.bamboo_report.sites] == ["reglu", "reglu"]
+
+
+@pytest.mark.slow
+def test_inductor_backend_equals_the_model():
+    opt = bamboo.compile(model("mistral_drelu"), backend="inductor", sparsity="exact")
+    with torch.no_grad():
+        assert close(logits(opt(IDS)), reference("mistral_drelu"))
