@@ -1,5 +1,9 @@
 """bamboo: compile ReLU-sparse LLMs so that their FFNs read only the weight rows of neurons that fire."""
-from bamboo import kernels, ops  # noqa: F401  (register torch.ops.bamboo.* and its device kernels)
+from bamboo import (  # noqa: F401  (register torch.ops.bamboo.*, its device kernels, adapters for installed libraries)
+    integrations,
+    kernels,
+    ops,
+)
 from bamboo.api import compile, export, export_onnx, export_tensorrt, export_tensorrt_onnx, inductor_pass, inspect
 from bamboo.calibrate.train_predictors import calibrate as _calibrate
 from bamboo.errors import BambooError

@@ -15,6 +15,7 @@ from bamboo.backends import get_backend
 from bamboo.backends.registry import check_backend_options
 from bamboo.errors import CompileError, InputError
 from bamboo.graph.capture import (
+    adapted,
     copy_graph_module,
     export_program,
     normalize_example_inputs,
@@ -159,6 +160,19 @@ def _surface_bamboo_errors(compiled_fn):
     return run
 
 
+def _under_adapters(model, compiled_fn):
+    """Each call runs under the capture adapters registered for the model's library (bamboo.integrations:
+    a transformers MoE runs its experts one at a time, so Dynamo sees each expert's FFN)."""
+    import functools
+
+    @functools.wraps(compiled_fn)
+    def run(*args, **kwargs):
+        with adapted(model, {}, "compile"):
+            return compiled_fn(*args, **kwargs)
+
+    return run
+
+
 def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictors=None,
             dynamic: Optional[bool] = None, fullgraph: bool = False, dump_dir=None, **backend_options):
     """A module with `model`'s call signature whose FFNs run as bamboo::sparse_ffn.
@@ -186,8 +200,8 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
                                          **backend_options)
     if isinstance(model, torch.nn.Module):
         compiled = copy.copy(model)
-        compiled.forward = _surface_bamboo_errors(
-            torch.compile(model.forward, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph))
+        compiled.forward = _under_adapters(model, _surface_bamboo_errors(
+            torch.compile(model.forward, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph)))
     else:
         compiled = _surface_bamboo_errors(torch.compile(model, backend=dynamo_backend, dynamic=dynamic,
                                                         fullgraph=fullgraph))
@@ -198,37 +212,49 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
 
 
 def _program_backend(model, backend: str, sparsity: str, predictors, options: dict):
-    """A program backend fed by bamboo.export of `model` with the examples it is built from."""
+    """A program backend fed by bamboo's export of `model` with the examples it is built from."""
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"backend {backend!r} exports the model: it needs an nn.Module, got {type(model).__name__}")
-
-    def make_program(args):
-        return export(model, args, sparsity=sparsity, predictors=predictors)
-
     if backend == "onnxruntime":
         from bamboo.backends.onnxruntime import BFLOAT16_REFUSAL, OnnxRuntimeModule
 
         if any(p.dtype == torch.bfloat16 for p in model.parameters()):
             raise CompileError(BFLOAT16_REFUSAL)
-        return OnnxRuntimeModule(make_program, **options)
+
+        def write(args, kwargs, path):
+            return export_onnx(model, args, path, example_kwargs=kwargs, sparsity=sparsity, predictors=predictors)
+
+        return OnnxRuntimeModule(write, signature_of=model, **options)
     from bamboo.backends.tensorrt import TensorRTModule
 
-    return TensorRTModule(make_program, **options)
+    return TensorRTModule(lambda args: export(model, args, sparsity=sparsity, predictors=predictors), **options)
 
 
-def export_onnx(model: torch.nn.Module, example_inputs, path, *, sparsity: str = "exact", predictors=None,
-                dynamic: bool = True, opset: int | None = None, external_data: bool | None = None,
-                static_shapes: bool = False):
+def export_onnx(model: torch.nn.Module, example_inputs, path, *, example_kwargs: Optional[dict] = None,
+                sparsity: str = "exact", predictors=None, dynamic: bool = True, opset: int | None = None,
+                external_data: bool | None = None, static_shapes: bool = False):
     """Write `model` as ONNX to `path` (checked writable first) and return the path: bamboo.export, then the
     ONNX lowering of bamboo::sparse_ffn in standard ops, checked with onnx.checker.
 
     sparsity: "exact" | "predictor" (with predictors=) | "dense". With dynamic=True, batch and sequence dims
-    stay dynamic (use examples with both >= 2). Weights go to an external data file beside `path` when the
-    model is over 2 GB (or when external_data=True). static_shapes=True lowers the FFN without data-dependent
-    shapes (the TensorRT profile; see export_tensorrt_onnx).
+    stay dynamic (use examples with both >= 2). `example_kwargs` go to forward by name (a T5's
+    decoder_input_ids); the ONNX inputs are the tensors of args and kwargs, named as forward's parameters.
+    Weights go to an external data file beside `path` when the model is over 2 GB (or when external_data=True).
+    static_shapes=True lowers the FFN without data-dependent shapes (the TensorRT profile; see
+    export_tensorrt_onnx). A program the ONNX exporter cannot decompose is exported again under the library
+    adapters' ONNX fallback (transformers: eager attention), then with static shapes, with a warning.
     """
     from bamboo.errors import require
-    from bamboo.onnx.export import OPSET, check_opset, warn_if_bfloat16, without_torchvision_notice, write_onnx
+    from bamboo.onnx.export import (
+        OPSET,
+        check_opset,
+        first_line,
+        lower_to_onnx,
+        onnx_error,
+        save_onnx,
+        warn_if_bfloat16,
+        without_torchvision_notice,
+    )
     from bamboo.outputs import prepare_output
 
     require("onnx", "onnx", "bamboo.export_onnx")
@@ -238,11 +264,26 @@ def export_onnx(model: torch.nn.Module, example_inputs, path, *, sparsity: str =
     path = prepare_output(path, "ONNX file")  # before the export, which takes minutes on a large model
     args = normalize_example_inputs(example_inputs)
     warn_if_bfloat16(model, args)
-    with warnings.catch_warnings(), without_torchvision_notice():
-        warnings.simplefilter("ignore")
-        program = export(model, args, sparsity=sparsity, predictors=predictors, dynamic=dynamic)
-    return write_onnx(program, args, path, opset=opset, external_data=external_data, static_shapes=static_shapes,
-                      dynamic=dynamic)
+    # Some programs fail the ONNX exporter's decomposition (T5: SDPA's strides then a reshape it cannot view):
+    # retry under the library adapters' "onnx-retry" (transformers: eager attention), then with static shapes.
+    attempts = [("export", dynamic), ("onnx-retry", dynamic)] + ([("onnx-retry", False)] if dynamic else [])
+    first_error = None
+    for purpose, dynamic_dims in attempts:
+        with warnings.catch_warnings(), without_torchvision_notice(), \
+                adapted(model, example_kwargs, purpose) as kwargs:
+            warnings.filterwarnings("ignore", module="torch.*")
+            program = export(model, args, kwargs, sparsity=sparsity, predictors=predictors, dynamic=dynamic_dims)
+            try:
+                onnx_program = lower_to_onnx(program, args, kwargs, opset=opset, static_shapes=static_shapes)
+            except Exception as exc:
+                first_error = first_error or exc
+                continue
+        if first_error is not None:
+            warnings.warn(f"bamboo.export_onnx: the ONNX exporter failed on {_model_name(model)} "
+                          f"({first_line(first_error)}); exported again with library adapters for ONNX"
+                          + ("" if dynamic_dims == dynamic else " and static shapes (the example's)"), stacklevel=2)
+        return save_onnx(onnx_program, program, path, external_data=external_data, dynamic=dynamic_dims)
+    raise onnx_error(model, first_error) from first_error
 
 
 def export_tensorrt_onnx(model, example_inputs, path, *, sparsity: str = "exact", predictors=None,
@@ -297,7 +338,8 @@ def inspect(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dic
             predictors=None) -> SiteTable:
     """The FFN sites bamboo would rewrite (and the candidates it refused, with the reason). With `predictors`,
     the table also shows each site's predictor threshold, cap and measured recall and density."""
-    program = export_program(model, example_inputs, example_kwargs, dynamic=False)
+    with adapted(model, example_kwargs, "export") as example_kwargs:
+        program = export_program(model, example_inputs, example_kwargs, dynamic=False)
     report = detect_ffn_sites(program.graph)
     extra = None
     if predictors is not None:
@@ -340,6 +382,11 @@ def export(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict
     """
     predictors = _check_sparsity(sparsity, predictors)
     args = normalize_example_inputs(example_inputs)
+    with adapted(model, example_kwargs, "export") as example_kwargs:
+        return _export_rewritten(model, args, example_kwargs, sparsity, predictors, dynamic, dump_dir)
+
+
+def _export_rewritten(model, args, example_kwargs, sparsity, predictors, dynamic, dump_dir):
     program = export_program(model, args, example_kwargs, dynamic)
     if sparsity == "dense":
         return program

@@ -132,3 +132,60 @@ class TinyMoE(nn.Module):
     def forward(self, x):
         weights = torch.softmax(self.router(x), dim=-1)
         return sum(weights[..., i:i + 1] * expert(x) for i, expert in enumerate(self.experts))
+
+
+class FusedGateUp(torch.nn.Module):
+    """Phi-3 / vLLM-style: one projection, split into gate and up by `split`."""
+
+    def __init__(self, split="chunk", hidden=16, intermediate=24):
+        super().__init__()
+        self.split, self.intermediate = split, intermediate
+        self.gate_up = torch.nn.Linear(hidden, 2 * intermediate, bias=True)
+        self.down = torch.nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        h = self.gate_up(x)
+        if self.split == "chunk":
+            gate, up = h.chunk(2, dim=-1)
+        elif self.split == "split":
+            gate, up = torch.split(h, self.intermediate, dim=-1)
+        else:
+            gate, up = h[..., :self.intermediate], h[..., self.intermediate:]
+        return self.down(up * torch.relu(gate))
+
+
+class DropoutBeforeDown(torch.nn.Module):
+    """T5's DenseActDense: relu, then a dropout (identity in eval mode), then the down projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi, self.wo, self.dropout = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16), torch.nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.wo(self.dropout(torch.relu(self.wi(x))))
+
+
+class NormTwice(torch.nn.Module):
+    """gate(norm(x)) * up(norm(x)) with the norm computed twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.rand(16) + 0.5)
+        self.gate, self.up, self.down = (torch.nn.Linear(16, 32, bias=False), torch.nn.Linear(16, 32, bias=False),
+                                         torch.nn.Linear(32, 16, bias=False))
+
+    def norm(self, x):
+        return self.scale * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.gate(self.norm(x))) * torch.relu(self.up(self.norm(x))))
+
+
+class ReluThenSoftmax(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.softmax(torch.relu(self.fc1(x)), dim=-1))
+

@@ -30,20 +30,24 @@ def _check_providers(ort, providers):
 
 
 class OnnxRuntimeModule:
-    """A program backend: `make_program(args)` gives the ExportedProgram (with the rewrite) for example inputs;
-    it is written as ONNX at the first call (or at once with `example_inputs`) and run in an InferenceSession.
-    bamboo.compile(model, backend="onnxruntime", ...) builds one."""
+    """A program backend: `write_onnx(args, kwargs, path)` writes the model, exported with the rewrite for those
+    example inputs, as ONNX at `path` (bamboo.export_onnx); that happens at the first call (or at once with
+    `example_inputs`), then the file runs in an InferenceSession. `signature_of`: the module whose forward
+    names the inputs, so keyword inputs are matched by name. bamboo.compile(model, backend="onnxruntime")
+    builds one."""
 
-    def __init__(self, make_program, providers=None, session_options=None, path=None, example_inputs=None):
+    def __init__(self, write_onnx, signature_of=None, providers=None, session_options=None, path=None,
+                 example_inputs=None, example_kwargs=None):
         self.ort = require("onnxruntime", "onnx", "the onnxruntime backend")
-        self.make_program = make_program
+        self.write_onnx, self.signature_of = write_onnx, signature_of
         self.session_options = session_options
         self.requested_providers = providers
         self.path = Path(path) if path else None
         self.session = None
         self._tmp = None
+        self.baked: dict = {}  # non-tensor kwargs the export took (use_cache=False): fixed in the ONNX graph
         if example_inputs is not None:
-            self._build(normalize_example_inputs(example_inputs))
+            self._build(normalize_example_inputs(example_inputs), example_kwargs or {})
 
     def _providers(self, device: torch.device):
         if self.requested_providers is not None:
@@ -55,19 +59,20 @@ class OnnxRuntimeModule:
         _check_providers(self.ort, providers)
         return providers
 
-    def _build(self, args):
-        from bamboo.onnx.export import write_onnx
-
-        if any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+    def _build(self, args, kwargs):
+        if any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in (*args, *kwargs.values())):
             raise CompileError(BFLOAT16_REFUSAL)
         if self.path is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="bamboo-onnx-")
             self.path = Path(self._tmp.name) / "model.onnx"
-        # Examples of size 1 would fix those dims: export with batch and sequence of at least 2.
-        examples = tuple(a.expand(*[max(d, 2) if i < 2 else d for i, d in enumerate(a.shape)]).contiguous()
-                         if isinstance(a, torch.Tensor) and a.dim() >= 1 else a for a in args)
-        examples = normalize_example_inputs(examples)
-        write_onnx(self.make_program(examples), examples, self.path)
+
+        def widen(a):  # examples of size 1 would fix those dims: export with batch and sequence of at least 2
+            if isinstance(a, torch.Tensor) and a.dim() >= 1:
+                return a.expand(*[max(d, 2) if i < 2 else d for i, d in enumerate(a.shape)]).contiguous()
+            return a
+
+        self.baked = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+        self.write_onnx(tuple(map(widen, args)), {k: widen(v) for k, v in kwargs.items()}, self.path)
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         self.session = self.ort.InferenceSession(str(self.path), sess_options=self.session_options,
                                                  providers=self._providers(device))
@@ -77,10 +82,30 @@ class OnnxRuntimeModule:
     def providers(self):
         return self.session.get_providers() if self.session else None
 
-    def __call__(self, *args):
+    def _tensors(self, args, kwargs) -> list:
+        """The call's tensors in the session's input order: by name (ONNX inputs are named as forward's
+        parameters), else args then kwargs as given."""
+        changed = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor) and self.baked.get(k, v) != v}
+        if changed:
+            raise InputError(f"the ONNX model was exported with {self.baked}; this call passes {changed}: "
+                             "non-tensor arguments are fixed at export")
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        tensors += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+        if kwargs and hasattr(self.signature_of, "forward"):
+            import inspect
+
+            try:
+                named = inspect.signature(self.signature_of.forward).bind_partial(*args, **kwargs).arguments
+            except TypeError:
+                return tensors
+            if all(isinstance(named.get(n), torch.Tensor) for n in self.input_names):
+                return [named[n] for n in self.input_names]
+        return tensors
+
+    def __call__(self, *args, **kwargs):
         if self.session is None:
-            self._build(args)
+            self._build(args, kwargs)
+        tensors = self._tensors(args, kwargs)
         if len(tensors) != len(self.input_names):
             raise InputError(f"the exported model takes {len(self.input_names)} tensor input(s) "
                              f"({self.input_names}), got {len(tensors)}")

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from bamboo.calibrate.predictors import LayerPredictor, Predictors, fingerprint
 from bamboo.errors import InputError
-from bamboo.graph.capture import export_program
+from bamboo.graph.capture import adapted, export_program
 from bamboo.ops import activations
 from bamboo.ops.sparse_ffn import predictor_scores
 from bamboo.passes.detect_ffn_sites import FFNSite, detect_ffn_sites
@@ -42,7 +42,8 @@ def _resolve(model, program, node, layout="out_in"):
 
 
 def ffn_sites_with_weights(model, example) -> list[SiteWeights]:
-    program = export_program(model, example if isinstance(example, tuple) else (example,), dynamic=False)
+    with adapted(model, {}, "export") as kwargs:  # a transformers model: caches off for torch.export
+        program = export_program(model, example if isinstance(example, tuple) else (example,), kwargs, dynamic=False)
     report = detect_ffn_sites(program.graph)
     if not report.sites:
         raise InputError(f"{type(model).__name__} has no ReLU-sparse FFN to calibrate predictors for")

@@ -1,6 +1,8 @@
-"""Recognise a linear map in any spelling: F.linear(x, W, b), x @ W.T (+ b), x @ W (W stored [in, out]), and
-the post-grad ATen forms Inductor hands a custom pass: addmm(b, x, W.T), and x of any rank flattened to 2-D
-around an mm (`reshape(mm(reshape(x, [-1, in]), permute(W)), [..., out])`), which is matched as a map of x."""
+"""Recognise a linear map in any spelling: F.linear(x, W, b), x @ W.T (+ b), x @ W (W stored [in, out]); the
+post-grad ATen forms Inductor hands a custom pass: addmm(b, x, W.T), and x of any rank flattened to 2-D around
+an mm (`reshape(mm(reshape(x, [-1, in]), permute(W)), [..., out])`), matched as a map of x; and a part of
+one: the gate or up half of a fused gate_up projection taken by chunk, split or slicing its output (Phi-3,
+transformers-5 MoE experts, vLLM-style merged projections)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,9 +21,12 @@ class LinearMatch:
     layout: str              # "out_in" (nn.Linear's [out, in]) or "in_out" ([in, out])
     bias: Optional[fx.Node]
     nodes: list = field(default_factory=list)  # every node of the match, output last
+    rows: Optional[tuple] = None  # (start, stop): the output features this part takes of a fused projection
 
     @property
     def out_features(self) -> int:
+        if self.rows is not None:
+            return self.rows[1] - self.rows[0]
         w = meta_value(self.weight)
         return w.shape[0] if self.layout == "out_in" else w.shape[1]
 
@@ -107,3 +112,83 @@ def match_linear(node) -> Optional[LinearMatch]:
                 match.nodes.append(node)
                 return match
     return None
+
+
+def _last_dim(dim, value) -> bool:
+    return value is not None and isinstance(dim, int) and dim % value.dim() == value.dim() - 1
+
+
+def _piece(node: fx.Node) -> Optional[tuple]:
+    """(source, start, stop) when `node` takes features [start, stop) of the last dim of `source` (a getitem of
+    chunk/split, a slice, a narrow); None otherwise."""
+    name = op_name(node)
+    if name == "getitem" and len(node.args) == 2 and isinstance(node.args[0], fx.Node):
+        parts, index = node.args
+        value = meta_value(node)
+        if isinstance(index, int) and op_name(parts) in ("chunk", "split") and value is not None:
+            source = parts.args[0]
+            width = meta_value(source).shape[-1] if meta_value(source) is not None else None
+            dim = arg(parts, 2, "dim", 0)
+            if width is None or not _last_dim(dim, meta_value(source)):
+                return None
+            if op_name(parts) == "chunk":
+                step = -(-width // arg(parts, 1, "chunks"))
+                sizes = [min(step, width - i) for i in range(0, width, step)]
+            else:
+                size = arg(parts, 1, "split_size_or_sections", arg(parts, 1, "split_size", None))
+                sizes = list(size) if isinstance(size, (list, tuple)) else [min(size, width - i)
+                                                                            for i in range(0, width, size)]
+            if not all(isinstance(n, int) for n in sizes) or index >= len(sizes):
+                return None
+            start = sum(sizes[:index % len(sizes)])
+            return source, start, start + sizes[index % len(sizes)]
+        # y[..., a:b] (Dynamo keeps Python slicing as getitem)
+        source = parts
+        value_in = meta_value(source)
+        if value_in is None or not isinstance(index, tuple) or not index or not isinstance(index[-1], slice):
+            return None
+        leading = index[:-1]
+        if not (leading in ((Ellipsis,),) or all(i == slice(None) for i in leading) and len(index) == value_in.dim()):
+            return None
+        cut = index[-1]
+        if cut.step not in (None, 1):
+            return None
+        start, stop, _ = cut.indices(value_in.shape[-1])
+        return source, start, stop
+    if name in ("slice", "narrow") and isinstance(node.args[0], fx.Node):
+        source = node.args[0]
+        value_in = meta_value(source)
+        dim = arg(node, 1, "dim", 0)
+        if not _last_dim(dim, value_in):
+            return None
+        if name == "slice":
+            start, stop = arg(node, 2, "start", 0) or 0, arg(node, 3, "end", None)
+            if arg(node, 4, "step", 1) != 1:
+                return None
+            start, stop, _ = slice(start, stop).indices(value_in.shape[-1])
+        else:
+            start = arg(node, 2, "start")
+            stop = start + arg(node, 3, "length") if isinstance(start, int) else None
+        if isinstance(start, int) and isinstance(stop, int):
+            return source, start, stop
+    return None
+
+
+def match_linear_part(node) -> Optional[LinearMatch]:
+    """A linear map, or the output features [start, stop) of one (`rows` set; the chunk/split/slice nodes join
+    `nodes`). A full-width part is the whole projection."""
+    match = match_linear(node)
+    if match is not None or not isinstance(node, fx.Node):
+        return match
+    piece = _piece(node)
+    if piece is None:
+        return None
+    source, start, stop = piece
+    whole = match_linear(source)
+    if whole is None or not 0 <= start < stop <= whole.out_features:
+        return None
+    parts = [node.args[0]] if op_name(node) == "getitem" and op_name(node.args[0]) in ("chunk", "split") else []
+    whole.nodes = whole.nodes + parts + [node]
+    whole.output = node
+    whole.rows = (start, stop)
+    return whole

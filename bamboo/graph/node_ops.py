@@ -36,14 +36,24 @@ _FUNCTIONS: dict[object, str] = {
     torch.tanh: "tanh", aten.tanh.default: "tanh", F.gelu: "gelu", aten.gelu.default: "gelu",
     F.leaky_relu: "leaky_relu", aten.leaky_relu.default: "leaky_relu", F.elu: "elu", F.relu6: "relu6",
     aten.hardtanh.default: "relu6", aten.relu6.default: "relu6", F.hardtanh: "relu6", F.softplus: "softplus", F.mish: "mish",
+    # the pieces of a fused gate_up projection: chunk / split / slice of its output
+    operator.getitem: "getitem", torch.chunk: "chunk", aten.chunk.default: "chunk", torch.split: "split",
+    aten.split.Tensor: "split", aten.split_with_sizes.default: "split", aten.slice.Tensor: "slice",
+    aten.narrow.default: "narrow", torch.narrow: "narrow",
+    # ops that are the identity in inference (eval-mode dropout, same-dtype casts)
+    F.dropout: "dropout", torch.dropout: "dropout", aten.dropout.default: "dropout",
+    aten.clone.default: "clone", torch.clone: "clone", aten.alias.default: "clone",
+    aten._to_copy.default: "to", aten.to.dtype: "to", aten.to.dtype_layout: "to",
 }
 _METHODS = {
     "matmul": "matmul", "mm": "matmul", "t": "transpose", "transpose": "transpose", "permute": "transpose",
     "relu": "relu", "relu_": "relu", "clamp": "clamp", "clamp_": "clamp", "clamp_min": "clamp",
     "clamp_min_": "clamp", "clip": "clamp", "mul": "mul", "mul_": "mul", "add": "add", "add_": "add",
-    "sigmoid": "sigmoid", "tanh": "tanh",
+    "sigmoid": "sigmoid", "tanh": "tanh", "chunk": "chunk", "split": "split", "narrow": "narrow",
+    "clone": "clone", "contiguous": "clone", "to": "to", "type": "to", "float": "to", "type_as": "to",
 }
-_MODULES = {nn.Linear: "linear", nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu", nn.LeakyReLU: "leaky_relu"}
+_MODULES = {nn.Linear: "linear", nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu", nn.LeakyReLU: "leaky_relu",
+            nn.Dropout: "dropout"}
 
 # Activations that never produce exact zeros except at isolated points: no sparsity to exploit.
 NON_SPARSE_ACTIVATIONS = {"silu", "gelu", "sigmoid", "tanh", "leaky_relu", "elu", "softplus", "mish"}
@@ -53,7 +63,10 @@ def op_name(node: fx.Node) -> Optional[str]:
     if node.op == "call_function":
         if node.target is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT"):
             return "transpose"
-        return _FUNCTIONS.get(node.target)
+        name = _FUNCTIONS.get(node.target)
+        if name is None and "grouped_mm" in getattr(node.target, "__name__", str(node.target)):
+            return "grouped_mm"  # F.grouped_mm, torch._grouped_mm, and the fallback ops libraries register
+        return name
     if node.op == "call_method":
         return _METHODS.get(node.target)
     if node.op == "call_module":
@@ -131,3 +144,29 @@ def decomposed_silu(node: fx.Node) -> tuple[Optional[fx.Node], list]:
             if isinstance(s, fx.Node) and op_name(s) == "sigmoid" and s.args[0] is u:
                 return u, [s, node]
     return None, []
+
+
+def identity_input(node: fx.Node) -> Optional[fx.Node]:
+    """If `node` is the identity in inference, its input: dropout that is not training, clone/contiguous, a cast
+    to the dtype the value already has. Otherwise None."""
+    name = op_name(node)
+    if name == "dropout":
+        if node.op == "call_module":
+            return None if node.graph.owning_module.get_submodule(node.target).training else node.args[0]
+        training = arg(node, 2, "training", arg(node, 2, "train", True))
+        return node.args[0] if training is False else None
+    if name in ("clone", "to") and node.args and isinstance(node.args[0], fx.Node):
+        before, after = meta_value(node.args[0]), meta_value(node)
+        if before is not None and after is not None and (before.dtype, before.device, before.shape) == (
+                after.dtype, after.device, after.shape):
+            return node.args[0]
+    return None
+
+
+def skip_identities(node) -> tuple:
+    """(the first node upstream of `node` that is not an inference identity, the identity nodes passed)."""
+    passed = []
+    while isinstance(node, fx.Node) and (inner := identity_input(node)) is not None:
+        passed.append(node)
+        node = inner
+    return node, passed

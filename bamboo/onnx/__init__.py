@@ -1,8 +1,8 @@
 """ONNX: an exported program with the sparse FFN lowered to standard ops (bamboo.export_onnx is the entry point
 from a model), and the rewrite of foreign ONNX graphs."""
-from bamboo.onnx.export import write_onnx
+from bamboo.onnx.export import lower_to_onnx, save_onnx
 
-__all__ = ["optimize", "write_onnx"]
+__all__ = ["lower_to_onnx", "optimize", "save_onnx"]
 
 
 def optimize(in_path, out_path, mode: str = "exact"):

@@ -1,6 +1,6 @@
 """ONNX from an ExportedProgram with its FFNs rewritten (bamboo.export_onnx exports the model, then calls
-write_onnx): the torch.onnx dynamo exporter with bamboo::sparse_ffn lowered to standard ONNX ops, checked with
-onnx.checker."""
+lower_to_onnx and save_onnx): the torch.onnx dynamo exporter with bamboo::sparse_ffn lowered to standard ONNX
+ops, checked with onnx.checker."""
 from __future__ import annotations
 
 import contextlib
@@ -16,27 +16,28 @@ OPSET = 18
 TWO_GB = 2 * 1024**3
 
 
-def write_onnx(program: torch.export.ExportedProgram, args: tuple, path: Path, *, opset: int = OPSET,
-               external_data: bool | None = None, static_shapes: bool = False, dynamic: bool = True) -> Path:
-    """Lower an ExportedProgram (bamboo::sparse_ffn included) to ONNX at `path` (already checked writable) and
-    check the file with onnx.checker. Weights go to an external data file beside `path` when the program is over
-    2 GB (or when external_data=True). static_shapes=True lowers the FFN without data-dependent shapes (the
-    TensorRT profile; see bamboo.onnx.tensorrt_profile)."""
-    onnx = require("onnx", "onnx", "ONNX export")
+def lower_to_onnx(program: torch.export.ExportedProgram, args: tuple, kwargs: dict | None = None, *,
+                  opset: int = OPSET, static_shapes: bool = False):
+    """The torch.onnx (dynamo) export of a program, with bamboo::sparse_ffn lowered to standard ops;
+    static_shapes=True lowers it without data-dependent shapes (the TensorRT profile). Raises what the exporter
+    raises: the caller may retry under other adapters (api.export_onnx)."""
     require("onnxscript", "onnx", "ONNX export")
     from bamboo.ops.sparse_ffn_onnx import sparse_ffn_translation, sparse_ffn_translation_static
 
     check_opset(opset)
+    translation = sparse_ffn_translation_static if static_shapes else sparse_ffn_translation
     with warnings.catch_warnings(), without_torchvision_notice():
         warnings.simplefilter("ignore")
-        try:
-            onnx_program = torch.onnx.export(
-                program, args, dynamo=True, opset_version=opset, verbose=False,
-                custom_translation_table={torch.ops.bamboo.sparse_ffn.default:
-                                          sparse_ffn_translation_static if static_shapes else sparse_ffn_translation})
-        except Exception as exc:
-            summary = "\n".join(str(exc).strip().splitlines()[:6])
-            raise CompileError(f"ONNX export failed:\n{summary}") from exc
+        return torch.onnx.export(program, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
+                                 verbose=False, custom_translation_table={torch.ops.bamboo.sparse_ffn.default:
+                                                                          translation})
+
+
+def save_onnx(onnx_program, program: torch.export.ExportedProgram, path: Path, *, external_data: bool | None = None,
+              dynamic: bool = True) -> Path:
+    """Save a lowered program at `path` (already checked writable) and check the file with onnx.checker. Weights
+    go to an external data file beside `path` when the program is over 2 GB (or when external_data=True)."""
+    onnx = require("onnx", "onnx", "ONNX export")
     fixed = _inputs_with_fixed_unit_dims(onnx_program.model_proto) if dynamic else []
     if fixed:
         warnings.warn(f"bamboo.export_onnx: in {path.name}, input(s) {'; '.join(fixed)} have batch or sequence fixed to 1: "
@@ -49,6 +50,18 @@ def write_onnx(program: torch.export.ExportedProgram, args: tuple, path: Path, *
     onnx_program.save(str(path), external_data=use_external)
     onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+def first_line(exc: Exception) -> str:
+    """The line of an exporter error that says what failed (its messages open with a long summary)."""
+    lines = [line for line in str(exc).splitlines() if "Exception summary" not in line and line.strip()]
+    detail = next((line for line in lines if "Error" in line and ":" in line), lines[0] if lines else "")
+    return detail.strip()[:200]
+
+
+def onnx_error(model, exc: Exception) -> CompileError:
+    summary = "\n".join(str(exc).strip().splitlines()[:6])
+    return CompileError(f"ONNX export of {type(model).__name__} failed:\n{summary}")
 
 
 def check_opset(opset: int) -> None:

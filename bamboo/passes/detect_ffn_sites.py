@@ -7,8 +7,14 @@ exact zeros, and the other factor (if any) is an elementwise function of a linea
     reglu     down(relu(gate x) * f(up x))             ReluLLaMA, ProSparse (f: identity, silu, gelu, ...)
     relu_mlp  down(relu(fc1 x + b))                    OPT
 
+Gate and up may be halves of one fused projection (chunk/split/slice of its output), inference identities
+(eval-mode dropout, same-dtype casts) may sit between the ReLU and the down projection, and gate and up may
+read two copies of the same computation (`gate(norm(x)) ... up(norm(x))`: merged here, a local CSE).
+
 A candidate is refused, with the reason recorded, when no factor is an exact-zero ReLU (SwiGLU, GeGLU, leaky
-ReLU), when its intermediate values are used elsewhere in the graph, or when shapes or dtypes disagree.
+ReLU), when its intermediate values are used elsewhere in the graph, or when shapes or dtypes disagree; any
+other down projection whose input traces back to a ReLU is refused with what stands in between (no silent
+refusals).
 """
 from __future__ import annotations
 
@@ -18,8 +24,9 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from bamboo.graph.equivalence import duplicate_nodes, same_value
 from bamboo.graph.inspect_graph import common_module_path
-from bamboo.graph.linear_match import LinearMatch, match_linear
+from bamboo.graph.linear_match import LinearMatch, match_linear, match_linear_part
 from bamboo.graph.node_ops import (
     NON_SPARSE_ACTIVATIONS,
     arg,
@@ -27,6 +34,7 @@ from bamboo.graph.node_ops import (
     meta_value,
     op_name,
     relu_input,
+    skip_identities,
 )
 
 # f(up x) spellings the fused op can compute, by canonical op name.
@@ -54,6 +62,7 @@ class SiteMatch:
     up: Optional[LinearMatch]
     down: LinearMatch
     nodes: list  # all nodes that the rewrite replaces; down.output last
+    duplicates: list = field(default_factory=list)  # a second copy of x's computation that up read (dies too)
 
 
 @dataclass
@@ -71,11 +80,11 @@ class DetectionReport:
 
 def _up_factor(node: fx.Node, x: fx.Node) -> tuple[Optional[LinearMatch], str, list, str]:
     """The non-gate factor: (linear, activation, extra nodes, reason when it is not a factor of x)."""
+    node, identities = skip_identities(node)
     inner, _ = relu_input(node)
+    candidates = []
     if inner is not None:
-        lin = match_linear(inner)
-        if lin and lin.input is x:
-            return lin, "relu", [node], ""
+        candidates.append((match_linear_part(inner), "relu", [node]))
     name = op_name(node)
     if name in UP_ACTIVATIONS and name != "relu" and len(node.args) >= 1:
         if name == "gelu":
@@ -83,17 +92,29 @@ def _up_factor(node: fx.Node, x: fx.Node) -> tuple[Optional[LinearMatch], str, l
             act = "gelu_tanh" if approximate == "tanh" else "gelu"
         else:
             act = name
-        lin = match_linear(node.args[0])
-        if lin and lin.input is x:
-            return lin, act, [node], ""
+        candidates.append((match_linear_part(node.args[0]), act, [node]))
     u, spelled = decomposed_silu(node)
-    lin = match_linear(u) if u is not None else None
-    if lin and lin.input is x:
-        return lin, "silu", spelled, ""
-    lin = match_linear(node)
-    if lin and lin.input is x:
-        return lin, "identity", [], ""
+    if u is not None:
+        candidates.append((match_linear_part(u), "silu", spelled))
+    candidates.append((match_linear_part(node), "identity", []))
+    for lin, act, extra in candidates:
+        if lin and same_value(lin.input, x):
+            return lin, act, extra + identities, ""
     return None, "", [], "the other factor of the product is not an elementwise function of a linear map of x"
+
+
+def relu_ancestor(node, depth: int = 4) -> Optional[fx.Node]:
+    """A ReLU within `depth` ops upstream of `node`, not past a linear map (that one is another FFN's)."""
+    frontier = [node] if isinstance(node, fx.Node) else []
+    for _ in range(depth):
+        upstream = []
+        for n in frontier:
+            if relu_input(n)[0] is not None:
+                return n
+            if op_name(n) not in ("linear", "matmul", "grouped_mm") and n.op != "placeholder":
+                upstream += n.all_input_nodes
+        frontier = upstream
+    return None
 
 
 def _single_use(nodes: list, site_nodes: set) -> Optional[str]:
@@ -122,13 +143,14 @@ def _check_site(kind, x, gate, up, down, extra, up_act) -> tuple[Optional[FFNSit
                 if t is not None and meta_value(t) is not None and meta_value(t).dtype != xv.dtype:
                     return None, f"weight {t.name} is {meta_value(t).dtype} but the input is {xv.dtype}"
     nodes = list(dict.fromkeys(gate.nodes + (up.nodes if up else []) + extra + down.nodes))
-    internal = [n for n in nodes if n is not down.output]
-    problem = _single_use(internal, set(nodes))
+    duplicates = duplicate_nodes(x, up.input) if up and up.input is not x else []
+    internal = [n for n in nodes + duplicates if n is not down.output]
+    problem = _single_use(internal, set(nodes + duplicates))
     if problem:
         return None, problem
     module = common_module_path([gate.output, down.output] + ([up.output] if up else []))
     site = FFNSite(kind, module, xv.shape[-1], gate.out_features, down.out_features, xv.dtype, up_act,
-                   SiteMatch(x, gate, up, down, nodes))
+                   SiteMatch(x, gate, up, down, nodes, duplicates))
     return site, ""
 
 
@@ -136,17 +158,22 @@ def match_site(node: fx.Node) -> tuple[Optional[FFNSite], str]:
     """(site, "") if `node` is the output of a ReLU-sparse FFN, else (None, reason); reason "" = not a candidate."""
     down = match_linear(node)
     if down is None:
+        if op_name(node) == "grouped_mm" and relu_ancestor(node.args[0]) is not None:
+            return None, ("grouped_mm experts (3-D expert weights, tokens grouped by offsets): the fused op takes "
+                          "one expert's weights per call; run the experts one at a time (transformers: "
+                          "experts_implementation='eager', or let bamboo's capture adapter do it)")
         return None, ""
-    product = down.input
+    product, identities = skip_identities(down.input)
     name = op_name(product)
     if name == "mul" and len(product.args) == 2 and all(isinstance(a, fx.Node) for a in product.args):
-        factor_ops = {"silu" if decomposed_silu(a)[0] is not None else op_name(a) for a in product.args}
+        factors = [skip_identities(a) for a in product.args]
+        factor_ops = {"silu" if decomposed_silu(a)[0] is not None else op_name(a) for a, _ in factors}
         if not factor_ops & (NON_SPARSE_ACTIVATIONS | {"relu", "clamp", "relu6"}):
-            return None, ""  # a product of no activation (a norm's scale, say): not an FFN candidate
+            return _unmatched(product, down)  # a product of no activation (a norm's scale, say)
         reasons = []
-        for first, second in (product.args, product.args[::-1]):
+        for (first, passed), (second, _) in (factors, factors[::-1]):
             gate_in, why = relu_input(first)
-            gate = match_linear(gate_in) if gate_in is not None else None
+            gate = match_linear_part(gate_in) if gate_in is not None else None
             if gate is None:
                 reasons.append(why if gate_in is None else "the ReLU's input is not a linear map")
                 continue
@@ -155,7 +182,8 @@ def match_site(node: fx.Node) -> tuple[Optional[FFNSite], str]:
                 reasons.append(why)
                 continue
             kind = "drelu" if up_act == "relu" else "reglu"
-            return _check_site(kind, gate.input, gate, up, down, [first, product] + extra, up_act)
+            nodes = [first, product] + passed + identities + extra
+            return _check_site(kind, gate.input, gate, up, down, nodes, up_act)
         acts = factor_ops & NON_SPARSE_ACTIVATIONS
         if acts:
             return None, (f"no factor of the product is a ReLU ({', '.join(sorted(acts))}: no exact zeros): "
@@ -163,13 +191,22 @@ def match_site(node: fx.Node) -> tuple[Optional[FFNSite], str]:
         return None, "; ".join(dict.fromkeys(reasons))
     if name == "relu" or name == "clamp":
         inner, why = relu_input(product)
-        fc1 = match_linear(inner) if inner is not None else None
+        fc1 = match_linear_part(inner) if inner is not None else None
         if fc1 is None:
             return None, why or "the ReLU's input is not a linear map"
-        return _check_site("relu_mlp", fc1.input, fc1, None, down, [product], "identity")
+        return _check_site("relu_mlp", fc1.input, fc1, None, down, [product] + identities, "identity")
     if name in NON_SPARSE_ACTIVATIONS or name == "relu6":
         return None, relu_input(product)[1]
-    return None, ""
+    return _unmatched(product, down)
+
+
+def _unmatched(product: fx.Node, down: LinearMatch) -> tuple[None, str]:
+    """No known FFN shape: a candidate only when a ReLU lies upstream, then refused with what is in between."""
+    relu = relu_ancestor(product)
+    if relu is None:
+        return None, ""
+    return None, (f"the ReLU {relu.name} reaches the down projection {down.output.name} through "
+                  f"{product.format_node() if product is not relu else 'itself'}, which no FFN kind expresses")
 
 
 def detect_ffn_sites(graph: fx.Graph) -> DetectionReport:

@@ -46,13 +46,21 @@ class PassRecord:
     ops_after: dict
 
 
-def check_graph(gm: fx.GraphModule, require_meta: bool = True) -> None:
-    """Graph lint, and every value-producing node carries a fake value (torch.compile needs it later)."""
+def value_less_nodes(gm: fx.GraphModule) -> set:
+    """Call and get_attr nodes without a fake value. Captured graphs hold some (Dynamo's
+    `_log_api_usage_once`, `setitem`, autocast enter/exit, get_attr of a `wrap_with_set_grad_enabled`
+    subgraph): they produce no tensor a pass reads, so only the ones a pass adds are errors."""
+    return {n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "get_attr")
+            and "val" not in n.meta and "example_value" not in n.meta}
+
+
+def check_graph(gm: fx.GraphModule, require_meta: bool = True, value_less_before: frozenset = frozenset()) -> None:
+    """Graph lint, and every node a pass created carries a fake value (torch.compile needs it later);
+    `value_less_before`: the nodes that had none when the graph was captured."""
     gm.graph.lint()
     if require_meta:
-        missing = [n.name for n in gm.graph.nodes
-                   if n.op in ("call_function", "call_method", "get_attr")
-                   and "val" not in n.meta and "example_value" not in n.meta]
+        added = value_less_nodes(gm) - value_less_before
+        missing = [n.name for n in gm.graph.nodes if n in added]
         if missing:
             raise CompileError(f"nodes without meta['val'] after a pass: {missing[:10]}")
 
@@ -78,6 +86,7 @@ class PassManager:
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         stats = {}
+        captured_value_less = frozenset(value_less_nodes(gm))
         for index, graph_pass in enumerate(self.passes):
             name = getattr(graph_pass, "name", getattr(graph_pass, "__name__", type(graph_pass).__name__))
             before = dict(op_counts(gm))
@@ -92,7 +101,7 @@ class PassManager:
                 gm.recompile()
             self._dump(index, name, "after", gm)
             if self.run_checks_after_each_pass:
-                check_graph(gm, self.require_meta)
+                check_graph(gm, self.require_meta, captured_value_less)
             self.history.append(PassRecord(name, result.modified, result.stats, before, dict(op_counts(gm))))
             stats[name] = result.stats
             modified |= result.modified

@@ -14,6 +14,10 @@ from tests.ffn_zoo import (
     LINEAR_SPELLINGS,
     NEGATIVES,
     RELU_SPELLINGS,
+    DropoutBeforeDown,
+    FusedGateUp,
+    NormTwice,
+    ReluThenSoftmax,
     TinyMoE,
     ZooFFN,
 )
@@ -94,3 +98,33 @@ def test_graphs_that_must_not_be_rewritten_are_refused_with_the_reason(negative)
     report = exported_sites(ZooFFN(negative), torch.randn(2, 3, 16))
     assert report.sites == []
     assert any(EXPECTED_REASON[negative] in r.reason for r in report.rejected), report.rejected
+
+
+@pytest.mark.parametrize("split", ["chunk", "split", "slice"])
+@pytest.mark.parametrize("capture", [exported_sites, dynamo_sites], ids=["export", "dynamo"])
+def test_fused_gate_up_halves_match_with_their_rows(split, capture):
+    report = capture(FusedGateUp(split), torch.randn(2, 3, 16))
+    assert [s.kind for s in report.sites] == ["reglu"]
+    match = report.sites[0].match
+    assert (match.gate.rows, match.up.rows) == ((0, 24), (24, 48)) and match.gate.weight is match.up.weight
+
+
+@pytest.mark.parametrize("capture", [exported_sites, dynamo_sites], ids=["export", "dynamo"])
+def test_eval_dropout_between_relu_and_down_is_an_identity(capture):
+    assert [s.kind for s in capture(DropoutBeforeDown().eval(), torch.randn(2, 3, 16)).sites] == ["relu_mlp"]
+
+
+def test_training_dropout_is_refused_with_the_reason():
+    report = dynamo_sites(DropoutBeforeDown().train(), torch.randn(2, 3, 16))
+    assert report.sites == [] and "reaches the down projection" in report.rejected[0].reason
+
+
+@pytest.mark.parametrize("capture", [exported_sites, dynamo_sites], ids=["export", "dynamo"])
+def test_a_norm_computed_twice_for_gate_and_up_is_one_input(capture):
+    report = capture(NormTwice(), torch.randn(2, 3, 16))
+    assert [s.kind for s in report.sites] == ["drelu"] and report.sites[0].match.duplicates
+
+
+def test_a_relu_fed_down_projection_of_no_known_shape_is_refused_not_silent():
+    report = exported_sites(ReluThenSoftmax(), torch.randn(2, 16))
+    assert report.sites == [] and "reaches the down projection" in report.rejected[0].reason

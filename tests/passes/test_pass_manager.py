@@ -47,3 +47,23 @@ def test_checks_catch_a_pass_that_forgets_meta_val():
 def test_a_pass_must_return_a_pass_result():
     with pytest.raises(CompileError, match="PassResult"):
         PassManager([lambda gm: gm])(exported())
+
+
+class AddsValueLessNodeAsCaptured(GraphPass):
+    """Stands in for a capture that left value-less nodes (Dynamo's `_log_api_usage_once`, `setitem`)."""
+
+    def call(self, gm):
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(output):
+            gm.graph.call_function(torch._C._log_api_usage_once, ("python.nn_module",))
+        return PassResult(gm, True)
+
+
+def test_value_less_nodes_of_the_captured_graph_are_allowed_only_new_ones_fail():
+    gm = exported()
+    AddsValueLessNodeAsCaptured()(gm)
+    gm.recompile()
+    result = PassManager(default_passes("exact"))(gm)  # the capture's value-less node is not the passes' fault
+    assert result.stats["RewriteToSparseFFN"]["rewritten"] == 1
+    with pytest.raises(CompileError, match="without meta"):
+        PassManager([AddsNodeWithoutMeta()])(gm)

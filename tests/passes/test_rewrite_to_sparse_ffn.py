@@ -6,7 +6,7 @@ import bamboo
 from bamboo.graph.capture import export_program
 from bamboo.graph.inspect_graph import op_counts
 from bamboo.passes import PassManager, RewriteToSparseFFN
-from tests.ffn_zoo import KINDS, TinyMoE, ZooFFN
+from tests.ffn_zoo import KINDS, FusedGateUp, NormTwice, TinyMoE, ZooFFN
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -82,3 +82,19 @@ def test_moe_compiles_and_matches():
     with torch.no_grad():
         assert rel_err(compiled(x), moe(x)) < 1e-5
     assert len(compiled.bamboo_report.sites) == 3
+
+
+@pytest.mark.parametrize("split", ["chunk", "split", "slice"])
+def test_fused_gate_up_rewrites_to_slices_of_the_weight_and_equals_dense(split):
+    module, x = FusedGateUp(split), torch.randn(2, 3, 16)
+    result, _, after = rewritten(module, x)
+    assert after["bamboo.sparse_ffn"] == 1 and after.get("aten.linear", 0) == 0
+    assert after["aten.slice"] == 4  # gate and up rows of the weight and of the bias, taken per call
+    assert rel_err(result.graph_module(x), module(x)) < TOL[torch.float32]
+
+
+def test_a_norm_computed_twice_is_rewritten_once_and_equals_dense():
+    module, x = NormTwice(), torch.randn(2, 3, 16)
+    result, before, after = rewritten(module, x)
+    assert before["aten.rsqrt"] == 2 and after["aten.rsqrt"] == 1  # the twin norm died with the site
+    assert rel_err(result.graph_module(x), module(x)) < TOL[torch.float32]

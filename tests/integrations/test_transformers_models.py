@@ -1,0 +1,113 @@
+"""transformers models as users have them (tiny configs, random non-symmetric weights), through every step:
+inspect finds every FFN (every expert), compile(exact, eager) equals the model, transformers' own generate()
+on the compiled model gives the model's tokens (greedy, and sampled with a fixed seed), export and
+export_onnx + ONNX Runtime (CPU EP) equal the model."""
+import functools
+import warnings
+
+import pytest
+import torch
+
+import bamboo
+from tests.integrations.transformers_zoo import EXPECTED_SITES, FAMILIES, build, example_kwargs, logits
+
+pytest.importorskip("transformers")
+TOL = 1e-4
+IDS = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+MASK = torch.ones_like(IDS)
+
+
+@functools.lru_cache(maxsize=None)
+def model(family):
+    return build(family)
+
+
+@functools.lru_cache(maxsize=None)
+def reference(family):
+    with torch.no_grad():
+        return logits(model(family)(IDS, **example_kwargs(family, IDS)))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(family):
+    return bamboo.compile(model(family), backend="eager", sparsity="exact")
+
+
+def close(out, ref):
+    return (out - ref).abs().max().item() <= TOL * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inspect_finds_every_ffn(family):
+    sites = bamboo.inspect(model(family), (IDS,), example_kwargs(family, IDS))
+    kind, count = EXPECTED_SITES[family]
+    assert [s.kind for s in sites] == [kind] * count, str(sites)
+    assert sites.rejected == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_exact_equals_the_model(family):
+    opt = compiled(family)
+    with torch.no_grad():
+        out = logits(opt(IDS, **example_kwargs(family, IDS)))
+    assert close(out, reference(family))
+    kind, count = EXPECTED_SITES[family]
+    assert [s.kind for s in opt.bamboo_report.sites] == [kind] * count
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_on_the_compiled_model_gives_the_models_tokens(family):
+    m, opt = model(family), compiled(family)
+    for sample in (False, True):
+        runs = []
+        for candidate in (m, opt):
+            torch.manual_seed(0)
+            with torch.no_grad():
+                runs.append(candidate.generate(IDS, attention_mask=MASK, max_new_tokens=4, do_sample=sample,
+                                               min_new_tokens=4))
+        assert torch.equal(*runs), (sample, runs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_equals_the_model(family):
+    program = bamboo.export(model(family), (IDS,), example_kwargs(family, IDS))
+    ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.bamboo.sparse_ffn.default) == EXPECTED_SITES[family][1]
+    with torch.no_grad():
+        out = logits(program.module()(IDS, **example_kwargs(family, IDS), use_cache=False))
+    assert close(out, reference(family))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_onnx_runs_in_onnxruntime_and_equals_the_model(family, tmp_path):
+    pytest.importorskip("onnxruntime")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ort = bamboo.compile(model(family), backend="onnxruntime", path=tmp_path / "m.onnx")
+        out = logits(ort(IDS, **example_kwargs(family, IDS)))
+    assert close(out, reference(family))
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "NonZero" in ops  # the exact-mode lowering of bamboo::sparse_ffn, not a dense FFN
+
+
+def test_predictor_mode_through_calibrate_on_a_transformers_model():
+    m = model("llama")
+    batches = [torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    predictors = bamboo.calibrate(m, batches, rank=8, target_recall=1.0, epochs=1, progress=False)
+    assert len(predictors) == 2
+    opt = bamboo.compile(m, sparsity="predictor", predictors=predictors)
+    with torch.no_grad():
+        out = logits(opt(IDS[:1, :1]))  # one row: the predictor selects (larger calls run dense)
+        ref = logits(m(IDS[:1, :1]))
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert [s.kind for s in opt.bamboo_report.sites] == ["reglu", "reglu"]
+
+
+@pytest.mark.slow
+def test_inductor_backend_equals_the_model():
+    opt = bamboo.compile(model("mistral_drelu"), backend="inductor", sparsity="exact")
+    with torch.no_grad():
+        assert close(logits(opt(IDS)), reference("mistral_drelu"))
