@@ -99,7 +99,8 @@ def test_bad_arguments():
     ("eager", {"mode": "reduce-overhead"}, r"\['mode'\] for backend 'eager': it takes no options of its own"),
     ("inductor", {"modes": "max-autotune"}, r"\['modes'\] for backend 'inductor': its options are \['mode', 'options'\]"),
     ("onnxruntime", {"provider": "CPUExecutionProvider"}, r"\['provider'\] for backend 'onnxruntime': its options are "
-                                                          r"\['providers', 'session_options', 'path', 'example_inputs'\]"),
+                                                          r"\['providers', 'session_options', 'path', 'example_inputs', "
+                                                          r"'example_kwargs'\]"),
 ])
 def test_unknown_keyword_is_named_before_anything_compiles(backend, kwargs, message):
     with pytest.raises(InputError, match="bamboo.compile got unknown keyword argument\\(s\\) " + message):

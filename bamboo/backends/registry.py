@@ -65,7 +65,8 @@ def check_backend_options(name: str, options: dict) -> None:
     params = [] if cls.__init__ is object.__init__ else inspect.signature(cls.__init__).parameters.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):  # passes its options on (torch-tensorrt's)
         return
-    accepted = [p.name for p in params if p.name not in ("self", "make_program")]
+    # what bamboo.api supplies itself (the program maker or ONNX writer, the signature) is not the user's to pass
+    accepted = [p.name for p in params if p.name not in ("self", "make_program", "write_onnx", "signature_of")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         takes = f"its options are {accepted}" if accepted else "it takes no options of its own"
