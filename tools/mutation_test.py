@@ -213,8 +213,10 @@ def run_mutant(m: Mutant, tree: Path, timeout: float, tests: list[str] | None = 
         try:
             result = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
             # pytest: 0 all passed, 1 a test failed, 2 collection failed (the mutant broke an import), 3 internal
-            # error, 4 usage error, 5 no tests collected (a bad map from source to tests)
-            m.status = {0: "survived", 1: "killed", 2: "killed"}.get(result.returncode, "error")
+            # error, 4 usage error, 5 no tests collected (a bad map from source to tests); a negative code is a
+            # signal: the mutant crashed the test process (a kernel writing out of bounds), which the tests saw
+            code = result.returncode
+            m.status = "killed" if code in (1, 2) or code < 0 else "survived" if code == 0 else "error"
         except subprocess.TimeoutExpired:
             m.status = "timeout"
     finally:
