@@ -37,7 +37,9 @@ def predictors(model, corpus):
 
 
 def fresh_recall_and_density(model, predictors, ids):
+    """Recall and predicted density on `ids`, over all layers and per layer ({module: (recall, density)})."""
     hits = positives = predicted = pairs = 0
+    per_layer = {}
     captured = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: captured.__setitem__(name, args[0]))
              for name, m in model.named_modules() if isinstance(m, BambooMLP)]
@@ -50,19 +52,27 @@ def fresh_recall_and_density(model, predictors, ids):
         x = x.reshape(-1, x.shape[-1])
         truth = (mlp.gate_proj(x) > 0) & (mlp.up_proj(x) > 0)
         chosen = predictors[name].scores(x) > predictors[name].threshold
+        per_layer[name] = (int((truth & chosen).sum()) / int(truth.sum()), chosen.float().mean().item())
         hits += int((truth & chosen).sum())
         positives += int(truth.sum())
         predicted += int(chosen.sum())
         pairs += truth.numel()
-    return hits / positives, predicted / pairs
+    return hits / positives, predicted / pairs, per_layer
 
 
 def test_calibration_reaches_the_recall_floor_on_fresh_text(model, corpus, predictors):
+    """Recall is measured on validation text no batch of the calibration came from: the held-out batches
+    chose the thresholds, so their own recall is the target by construction and proves nothing."""
     assert [p for p in predictors] == [f"model.layers.{i}.mlp" for i in range(6)]
-    recall, density = fresh_recall_and_density(model, predictors, corpus[1][:512].view(4, 128))
+    recall, density, per_layer = fresh_recall_and_density(model, predictors, corpus[1][:512].view(4, 128))
     assert recall >= RECALL_FLOOR and density <= DENSITY_CEILING, (recall, density)
-    for p in predictors.values():
-        assert p.stats["recall"] == pytest.approx(0.99, abs=0.01) and p.stats["density"] > p.stats["true_density"]
+    for name, p in predictors.items():
+        fresh_recall, fresh_density = per_layer[name]
+        assert fresh_recall >= RECALL_FLOOR, (name, fresh_recall)
+        # what the stats report (held-out batches) is what unseen text gets, within sampling noise
+        assert abs(p.stats["recall"] - fresh_recall) < 0.02 and abs(p.stats["density"] - fresh_density) < 0.15, \
+            (name, p.stats, per_layer[name])
+        assert p.stats["density"] > p.stats["true_density"]
     assert "model.layers.5.mlp" in str(predictors) and "recall" in str(predictors)
 
 

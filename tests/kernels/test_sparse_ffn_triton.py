@@ -219,3 +219,58 @@ def test_nan_and_inf_propagate_like_dense(value, mode):
         p_out = torch.randn(70, 8, generator=gen).to(DEVICE)
         y = predicted_sparse_ffn(w["x"], w["gw"], w["uw"], w["dw"].t(), p_in, p_out, k=16, threshold=0.0)
         assert not torch.isfinite(y).any()  # every output feature of the poisoned row, as dense
+
+
+def transposed_view(t):
+    """The same values as `t`, stored the other way round: a [rows, cols] view with strides (1, rows)."""
+    return t.t().contiguous().t()
+
+
+@pytest.mark.parametrize("predictor_ids", [False, True], ids=["exact", "given_ids"])
+@pytest.mark.parametrize("gate_layout, up_layout", [("contiguous", "transposed"), ("transposed", "contiguous")])
+@pytest.mark.parametrize("down_layout", ["transposed", "sliced"])
+def test_weights_of_different_layouts_in_one_call(predictor_ids, gate_layout, up_layout, down_layout):
+    """Gate, up and down each have their own strides: a kernel that reads one weight with another's strides
+    reads the wrong elements (all-contiguous weights share strides and would hide it)."""
+    gen = torch.Generator().manual_seed(60 + 2 * predictor_ids + (gate_layout == "transposed"))
+    w = make(3, 24, 40, 20, torch.float32, gen, bias=True)
+    layout = {"contiguous": lambda t: t, "transposed": transposed_view}
+    gw, uw = layout[gate_layout](w["gw"]), layout[up_layout](w["uw"])
+    assert gw.stride() != uw.stride()
+    if down_layout == "transposed":
+        down_rows = w["dw"].t()
+    else:  # a column slice of a wider neuron-major buffer: row stride 27, not 20
+        wide = torch.randn(40, 27, generator=gen).to(DEVICE)
+        wide[:, 3:23] = w["dw"].t()
+        down_rows = wide[:, 3:23]
+    ids = torch.randperm(40, generator=gen)[:17].to(torch.int32).to(DEVICE) if predictor_ids else None
+    y = k.triton_sparse_ffn(w["x"], gw, w["gb"], uw, w["ub"], down_rows, w["db"], "relu", neuron_ids=ids)
+    assert rel(y, reference(w, "drelu", "relu", ids)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("up_act", sorted(k.ACT_CODES))
+def test_every_kernel_activation_matches_the_reference(up_act):
+    """Each ACT code of the gather kernel against the op's own activation (reglu: act(up) is not a ReLU, so
+    negative up values pass through it)."""
+    gen = torch.Generator().manual_seed(70 + k.ACT_CODES[up_act])
+    w = make(2, 24, 48, 16, torch.float32, gen, bias=True)
+    y = k.triton_sparse_ffn(w["x"], w["gw"], w["gb"], w["uw"], w["ub"], w["dw"].t(), w["db"], up_act)
+    assert rel(y, reference(w, "reglu", up_act)) < TOL[torch.float32]
+
+
+def test_top_k_ranks_neurons_by_their_best_score_over_all_rows():
+    """k-only predictor mode keeps the k neurons whose largest score over the rows is highest (the op's rule),
+    not those of the first row."""
+    gen = torch.Generator().manual_seed(80)
+    rows, neurons, top = 4, 64, 10
+    w = make(rows, 32, neurons, 24, torch.float32, gen)
+    p_in = (torch.randn(8, 32, generator=gen) / 32**0.5).to(DEVICE)
+    p_out = (torch.randn(neurons, 8, generator=gen) / 8**0.5).to(DEVICE)
+    scores = torch.relu(w["x"].cpu() @ p_in.cpu().t()) @ p_out.cpu().t()
+    best = set(scores.amax(0).topk(top).indices.tolist())
+    assert best != set(scores[0].topk(top).indices.tolist())  # the rows disagree: row 0 alone would pick others
+    y = predicted_sparse_ffn(w["x"], w["gw"], w["uw"], w["dw"].t(), p_in, p_out, k=top)
+    expected = reference_sparse_ffn(w["x"], w["gw"], None, w["uw"], None, w["dw"], None, None, p_in, p_out, None,
+                                    kind="drelu", mode="predictor", threshold=float("-inf"), top_k=top)
+    assert rel(y, expected.double().cpu()) < TOL[torch.float32]
+    assert rel(y, reference(w, "drelu", "relu", torch.tensor(sorted(best)))) < TOL[torch.float32]

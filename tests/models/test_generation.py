@@ -68,6 +68,12 @@ def test_sampling_is_seeded_and_respects_top_k_and_top_p():
     assert set(picks.tolist()) == {0, 1}
     picks = sample_next_token(logits, True, top_p=0.5, generator=g)
     assert set(picks.tolist()) == {0}
+    # top_p keeps the token whose mass crosses it: probabilities 0.705, 0.259, ...; 0.9 needs the first two
+    # (a top_p the first token alone exceeds could not tell that from dropping the crossing token)
+    picks = sample_next_token(logits, True, top_p=0.9, generator=g)
+    assert set(picks.tolist()) == {0, 1}
+    probs = torch.softmax(logits[0], 0)
+    assert abs((picks == 1).float().mean().item() - (probs[1] / probs[:2].sum()).item()) < 0.05
     picks = sample_next_token(logits, True, temperature=1.0, generator=g)
     share = (picks == 0).float().mean().item()
     assert abs(share - torch.softmax(logits[0], 0)[0].item()) < 0.05

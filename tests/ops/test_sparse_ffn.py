@@ -197,3 +197,22 @@ def test_predictor_mode_computes_prefill_sized_calls_densely():
     dense = list(args)
     dense[MODE] = "dense"
     torch.testing.assert_close(OP(*args), OP(*dense), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("position, name", [(1, "gate_weight"), (3, "up_weight"), (5, "down_weight"),
+                                            (6, "down_weight_nm")])
+@pytest.mark.parametrize("fake", [False, True], ids=["eager", "fake"])
+def test_each_weight_of_another_dtype_is_refused_by_name(position, name, fake):
+    """Every weight is checked, not only the gate (a half-precision down weight fails later with a bare matmul
+    error), and the fake implementation checks too: it is what torch.export and torch.compile run, and without
+    the check they would trace a graph that only fails when it runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = ffn_args("drelu", neuron_major=position == 6)
+    args[position] = args[position].half()
+    with pytest.raises(InputError, match=f"{name} is torch.float16 but the input is torch.float32"):
+        if fake:
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                OP(*args)
+        else:
+            OP(*args)

@@ -128,3 +128,76 @@ def test_a_norm_computed_twice_for_gate_and_up_is_one_input(capture):
 def test_a_relu_fed_down_projection_of_no_known_shape_is_refused_not_silent():
     report = exported_sites(ReluThenSoftmax(), torch.randn(2, 16))
     assert report.sites == [] and "reaches the down projection" in report.rejected[0].reason
+
+
+class ClampedFFN(torch.nn.Module):
+    """A gated FFN whose factors are clamped to [0, 0.1] (or only the up factor, `gate_relu=True`)."""
+
+    def __init__(self, spelling, gate_relu=False):
+        super().__init__()
+        self.spelling, self.gate_relu = spelling, gate_relu
+        self.gate, self.up, self.down = (torch.nn.Linear(16, 48, bias=False), torch.nn.Linear(16, 48, bias=False),
+                                         torch.nn.Linear(48, 16, bias=False))
+
+    def clamp(self, t):
+        if self.spelling == "torch.clamp":
+            return torch.clamp(t, min=0, max=0.1)
+        if self.spelling == "method":
+            return t.clamp(0, 0.1)
+        if self.spelling == "clip":
+            return torch.clip(t, 0.0, 0.1)
+        return t.clamp_(min=0, max=0.1)
+
+    def forward(self, x):
+        g = torch.relu(self.gate(x)) if self.gate_relu else self.clamp(self.gate(x))
+        return self.down(g * self.clamp(self.up(x)))
+
+
+@pytest.mark.parametrize("spelling", ["torch.clamp", "method", "clip", "clamp_"])
+@pytest.mark.parametrize("gate_relu", [False, True], ids=["both_clamped", "up_clamped"])
+@pytest.mark.parametrize("capture", [exported_sites, dynamo_sites], ids=["export", "dynamo"])
+def test_clamp_with_a_max_is_not_a_relu(spelling, gate_relu, capture):
+    """clamp(min=0, max=c) makes the same zeros as a ReLU but also caps the positives: taken for a ReLU, the
+    fused op would compute relu() and return a different FFN. It must be refused, with the reason."""
+    report = capture(ClampedFFN(spelling, gate_relu), torch.randn(2, 3, 16))
+    assert report.sites == []
+    reasons = " ".join(r.reason for r in report.rejected)
+    assert "max=0.1" in reasons if not gate_relu else "not an elementwise function" in reasons, report.rejected
+
+
+def test_clamp_with_a_max_compiles_to_the_same_function():
+    """The refusal matters: with pre-activations above the cap, accepting the clamp changes the output."""
+    import bamboo
+
+    model = ClampedFFN("torch.clamp").eval()
+    x = torch.randn(4, 16) * 3
+    assert (model.gate(x) > 0.1).any() and (model.up(x) > 0.1).any()
+    with pytest.warns(UserWarning, match=r"clamp\(min=0, max=0.1\) is not a ReLU"):
+        compiled = bamboo.compile(model, backend="eager", sparsity="exact")
+        out = compiled(x)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    assert list(compiled.bamboo_report.sites) == []
+
+
+@pytest.mark.parametrize("capture", [exported_sites, dynamo_sites], ids=["export", "dynamo"])
+def test_weights_of_another_dtype_than_the_input_are_refused(capture):
+    """Under autocast a bf16 model takes an fp32 input: the graph's linears mix dtypes, which the fused op (no
+    autocast rule) cannot run. Refused with the reason; the compiled model then runs dense and equals eager."""
+    model = ZooFFN("drelu").to(torch.bfloat16).eval()
+    x = torch.randn(2, 3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = capture(model, x)
+    assert report.sites == []
+    assert any("is torch.bfloat16 but the input is torch.float32" in r.reason for r in report.rejected), report.rejected
+
+
+def test_autocast_model_compiles_to_the_same_function():
+    import bamboo
+
+    model = ZooFFN("drelu").to(torch.bfloat16).eval()
+    x = torch.randn(2, 3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="but the input is"):
+        compiled = bamboo.compile(model, backend="eager", sparsity="exact")
+        out, expected = compiled(x), model(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert list(compiled.bamboo_report.sites) == []
