@@ -105,14 +105,20 @@ def _decode_speed(model, prompt, args, streamer=None) -> tuple[int, float]:
 def _cmd_generate(args) -> int:
     import bamboo
     from bamboo.errors import InputError
-    from bamboo.models.tokenizer import BambooTokenizer, TextStreamer, chat_template
+    from bamboo.models.tokenizer import BambooTokenizer, TextStreamer, chat_template, trained_on_plain_text
 
-    if args.chat and chat_template(_model_dir(args.model)) is None:
+    model_dir = _model_dir(args.model)
+    if args.chat and chat_template(model_dir) is None:
         raise InputError(f"{args.model} has no chat template (no chat_template in its tokenizer_config.json: it was "
                          "trained on plain text), so --chat would wrap the prompt in ChatML markers it never saw and "
                          "the output would look broken; drop --chat")
+    if args.chat and trained_on_plain_text(model_dir):
+        raise InputError(f"{args.model} was trained on plain text (its training.json says \"chat\": false): the "
+                         "ChatML template in its tokenizer_config.json is the family's, for transformers' "
+                         "apply_chat_template, but the model never saw those markers, so --chat would make the output "
+                         "look broken; drop --chat")
     dense = _load_model(args.model, args.dtype, args.device)
-    tokenizer = BambooTokenizer()
+    tokenizer = BambooTokenizer.from_pretrained(model_dir)
     text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     prompt = tokenizer([text])["input_ids"].to(args.device)
     compiled = args.sparsity != "dense" or args.backend != "eager"

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bamboo.calibrate import format_sparsity_table, measure_ffn_sparsity  # noqa: E402
 from bamboo.calibrate.corpus import load_processed, random_batches, sequential_batches  # noqa: E402
 from bamboo.models import BambooConfig, BambooForCausalLM  # noqa: E402
+from bamboo.models.tokenizer import BambooTokenizer  # noqa: E402
 
 
 @torch.no_grad()
@@ -108,8 +109,10 @@ def main():
                                     progress=False)
     out = Path(args.out)
     model.cpu().save_pretrained(out, max_shard_size="15MB")
+    BambooTokenizer().save_pretrained(out)  # tokenizer.model + tokenizer_config.json: AutoTokenizer loads it
     card = {
         "config": args.config, "parameters": model.num_parameters(), "data": provenance["source"],
+        "chat": False,  # plain text only: the CLI refuses --chat although the ChatML template ships (for transformers)
         "train_tokens": int(train.numel()), "validation": provenance["validation"],
         "validation_tokens": int(valid.numel()), "steps_run": history[-1]["step"], "best_step": best_step,
         "tokens_seen": history[-1]["step"] * args.batch_size * args.seq_len, "seconds": round(elapsed, 1),
@@ -135,6 +138,9 @@ def main():
 {table}
 
 Weights: model-<save id>-0000N-of-0000M.safetensors (bf16), listed in model.safetensors.index.json. Full numbers: training.json.
+Tokenizer: tokenizer.model, tokenizer_config.json (the family's ChatML chat template, which this model never saw in
+training: `bamboo generate --chat` refuses it), special_tokens_map.json; with `import bamboo`, transformers'
+AutoTokenizer and AutoModelForCausalLM load this directory.
 """)
     print(f"saved {out}: validation perplexity {bf16_ppl:.2f} (bf16), best step {best_step}")
     print(table)

@@ -146,9 +146,21 @@ def test_generate_on_cuda_without_a_gpu(capsys):
     assert "no CUDA device is visible here" in err and "device='cpu'" in err
 
 
-def test_generate_chat_on_a_model_without_a_chat_template(capsys):
+def test_generate_chat_on_a_model_trained_on_plain_text(capsys):
+    # austen-small ships the ChatML template (for transformers' apply_chat_template) but never saw it in training
     err = one_line_error(capsys, ["generate", "hello", "--chat"])
-    assert "austen-small has no chat template" in err and "drop --chat" in err
+    assert "austen-small was trained on plain text" in err and "drop --chat" in err
+
+
+def test_generate_chat_on_a_model_without_a_chat_template(capsys, tmp_path):
+    import shutil
+
+    from bamboo.models import pretrained_path
+
+    shutil.copytree(pretrained_path(), tmp_path / "plain")
+    (tmp_path / "plain" / "tokenizer_config.json").unlink()
+    err = one_line_error(capsys, ["generate", "hello", "--chat", "--model", str(tmp_path / "plain")])
+    assert "has no chat template" in err and "drop --chat" in err
 
 
 def test_generate_chat_on_a_model_with_a_chat_template(capsys, tmp_path):
@@ -159,6 +171,7 @@ def test_generate_chat_on_a_model_with_a_chat_template(capsys, tmp_path):
 
     shutil.copytree(pretrained_path(), tmp_path / "chat")
     (tmp_path / "chat" / "tokenizer_config.json").write_text('{"chat_template": "chatml"}')
+    (tmp_path / "chat" / "training.json").unlink()  # no record of plain-text training
     assert main(["generate", "hello", "--chat", "--model", str(tmp_path / "chat"), "--max-new-tokens", "3", "--sparsity", "dense",
                  "--no-compare-dense"]) == 0
     assert "3 tokens; decode" in capsys.readouterr().out

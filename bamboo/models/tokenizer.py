@@ -11,6 +11,11 @@ import torch
 from bamboo.errors import InputError, MissingDependencyError, require
 
 CHATML_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
+# The same ChatML as BambooTokenizer.apply_chat_template, in the Jinja form transformers' apply_chat_template reads.
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
+TOKENIZER_MODEL_NAME, TOKENIZER_CONFIG_NAME = "tokenizer.model", "tokenizer_config.json"
 
 
 def default_tokenizer_file() -> Path:
@@ -40,6 +45,19 @@ def chat_template(checkpoint_dir) -> Optional[str]:
     return template or None
 
 
+def trained_on_plain_text(checkpoint_dir) -> bool:
+    """True when the checkpoint's training record (training.json, written by examples/train_small_bamboo.py) says
+    it was trained on plain text only ("chat": false): it may ship the family's chat template, so that transformers'
+    apply_chat_template runs, but it never saw the ChatML markers."""
+    import json
+
+    try:
+        record = json.loads((Path(checkpoint_dir) / "training.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("chat") is False
+
+
 class BambooTokenizer:
     def __init__(self, model_file: Optional[str | os.PathLike] = None, padding_side: str = "left"):
         spm = require("sentencepiece", "tokenizer", "BambooTokenizer")
@@ -51,6 +69,38 @@ class BambooTokenizer:
         self.bos_token_id, self.eos_token_id = self.sp.bos_id(), self.sp.eos_id()
         self.unk_token_id = self.sp.unk_id()
         self.pad_token_id = self.unk_token_id  # Bamboo pads with <unk> (id 0)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir, padding_side: str = "left") -> "BambooTokenizer":
+        """The tokenizer a checkpoint ships (its tokenizer.model), or Mistral's default one if it ships none."""
+        path = Path(checkpoint_dir) / TOKENIZER_MODEL_NAME
+        return cls(path if path.exists() else None, padding_side=padding_side)
+
+    def save_pretrained(self, directory: str | os.PathLike, chat_template: Optional[str] = CHATML_TEMPLATE) -> list[Path]:
+        """Write the tokenizer files of a Hugging Face checkpoint: tokenizer.model (this SentencePiece model),
+        tokenizer_config.json and special_tokens_map.json. With `import bamboo`, transformers' AutoTokenizer loads
+        them as BambooTokenizerFast, which encodes exactly like this tokenizer (BOS added; special-token strings
+        in the text stay text, as SentencePiece reads them). `chat_template`: the ChatML of apply_chat_template;
+        None writes none."""
+        import json
+        import shutil
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model_path = directory / TOKENIZER_MODEL_NAME
+        if not (model_path.exists() and model_path.samefile(self.model_file)):
+            shutil.copyfile(self.model_file, model_path)
+        special = {"bos_token": self.sp.id_to_piece(self.bos_token_id), "eos_token": self.sp.id_to_piece(self.eos_token_id),
+                   "unk_token": self.sp.id_to_piece(self.unk_token_id), "pad_token": self.sp.id_to_piece(self.pad_token_id)}
+        config = {"tokenizer_class": "BambooTokenizerFast", **special, "add_bos_token": True, "add_eos_token": False,
+                  "split_special_tokens": True, "padding_side": self.padding_side, "clean_up_tokenization_spaces": False,
+                  "model_max_length": 32768}
+        if chat_template is not None:
+            config["chat_template"] = chat_template
+        paths = [model_path, directory / TOKENIZER_CONFIG_NAME, directory / "special_tokens_map.json"]
+        paths[1].write_text(json.dumps(config, indent=2) + "\n")
+        paths[2].write_text(json.dumps(special, indent=2) + "\n")
+        return paths
 
     @property
     def vocab_size(self) -> int:
