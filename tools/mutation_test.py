@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -200,6 +201,38 @@ def _copy_tree(root: Path, into: Path) -> Path:
     return into
 
 
+_running: dict[int, subprocess.Popen] = {}
+
+
+def _run_in_own_group(command, cwd, env, timeout: float) -> int:
+    """Run pytest in a process group of its own, so a timeout, an interrupt or a kill of this tool also ends
+    the test process and whatever it started (compile workers, subprocess tests)."""
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    _running[proc.pid] = proc
+    try:
+        return proc.wait(timeout=timeout)
+    except BaseException:  # TimeoutExpired, KeyboardInterrupt, SystemExit from the SIGTERM handler
+        _kill_group(proc)
+        raise
+    finally:
+        _running.pop(proc.pid, None)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _kill_all_and_exit(signum, frame):
+    for proc in list(_running.values()):
+        _kill_group(proc)
+    sys.exit(128 + signum)
+
+
 def run_mutant(m: Mutant, tree: Path, timeout: float, tests: list[str] | None = None) -> Mutant:
     """Write the mutant into `tree` (a copy), run its tests, restore the file."""
     target = tree / m.path
@@ -211,11 +244,10 @@ def run_mutant(m: Mutant, tree: Path, timeout: float, tests: list[str] | None = 
     try:
         target.write_text(apply(original, m))
         try:
-            result = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+            code = _run_in_own_group(command, tree, env, timeout)
             # pytest: 0 all passed, 1 a test failed, 2 collection failed (the mutant broke an import), 3 internal
             # error, 4 usage error, 5 no tests collected (a bad map from source to tests); a negative code is a
             # signal: the mutant crashed the test process (a kernel writing out of bounds), which the tests saw
-            code = result.returncode
             m.status = "killed" if code in (1, 2) or code < 0 else "survived" if code == 0 else "error"
         except subprocess.TimeoutExpired:
             m.status = "timeout"
@@ -266,6 +298,7 @@ def main(argv=None) -> int:
         for m in mutants:
             print(f"{m.describe()}  tests: {' '.join(tests_for(m.path))}")
         return 0
+    signal.signal(signal.SIGTERM, _kill_all_and_exit)  # a killed run leaves no pytest behind
     with tempfile.TemporaryDirectory(prefix="bamboo-mutants-") as tmp:
         trees = [_copy_tree(ROOT, Path(tmp) / f"tree{i}") for i in range(max(args.jobs, 1))]
         free = list(trees)
