@@ -1,0 +1,159 @@
+"""When the CPU sparse FFN is slower than dense: the crossover share of active neurons, measured on this machine.
+
+Sparse reads fewer bytes but reads them with less regular access than a dense GEMV or GEMM (gathered rows; with
+more rows, dense matmuls reach compute efficiency the row loop does not). So the op asks `crossover(dtype, rows,
+ffn_bytes)`: above that share of neurons the dense FFN is faster and runs instead. The share is measured, not
+guessed: the sparse kernel with a chosen share of neurons against F.linear dense on one representative shape per
+shape class ("cache": the FFN fits in the last-level cache, as a small model's does; "memory": it does not, as a
+1B-7B model's does), for the call's dtype and row bucket (1, 2, 4, 8, 16). Each result is kept in memory and in
+a JSON file under the user cache directory, keyed by the CPU model, core count, torch version, dtype, shape class
+and rows, so each is measured once per machine (about a second each).
+
+Tests must not depend on timing: BAMBOO_CPU_CROSSOVER (a share, e.g. 1.0 = always sparse, 0 = always dense) or
+`set_crossover(value)` fixes it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+SHARES = (0.05, 0.25, 0.5, 0.75, 1.0)
+ROW_BUCKETS = (1, 2, 4, 8, 16)
+CACHE_CLASS_BYTES = 16 << 20  # FFN weights up to this size stay in this class's caches between calls
+SHAPES = {"cache": (256, 1024), "memory": (2048, 5632)}  # (hidden, intermediate): austen-small, a ~1B model
+
+_override: Optional[float] = None
+_known: dict[str, float] = {}
+_lock = threading.Lock()
+
+
+def set_crossover(value: Optional[float]) -> None:
+    """Fix the crossover share for every call (None: measure again)."""
+    global _override
+    _override = value
+
+
+def cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "bamboo" / "cpu_crossover.json"
+
+
+def shape_class(ffn_bytes: int) -> str:
+    return "cache" if ffn_bytes <= CACHE_CLASS_BYTES else "memory"
+
+
+def row_bucket(rows: int) -> int:
+    return next((b for b in ROW_BUCKETS if rows <= b), ROW_BUCKETS[-1])
+
+
+def machine() -> str:
+    from bamboo.kernels.cpu_build import cpu_signature
+
+    model = next((ln.split(":", 1)[1].strip() for ln in cpu_signature().splitlines() if ln.startswith("model name")),
+                 platform.processor() or platform.machine())
+    return f"{model} x{os.cpu_count()} threads={torch.get_num_threads()}"
+
+
+def key(dtype: torch.dtype, rows: int, klass: str) -> str:
+    return f"{machine()}|torch {torch.__version__}|{str(dtype).removeprefix('torch.')}|{klass}|rows {row_bucket(rows)}"
+
+
+def crossover(dtype: torch.dtype, rows: int, ffn_bytes: int) -> float:
+    """The share of neurons above which the dense FFN is faster on this machine."""
+    if _override is not None:
+        return _override
+    env = os.environ.get("BAMBOO_CPU_CROSSOVER")
+    if env:
+        return float(env)
+    klass = shape_class(ffn_bytes)
+    k = key(dtype, rows, klass)
+    if k in _known:
+        return _known[k]
+    with _lock:
+        if k not in _known:
+            stored = _read_cache()
+            if k not in stored:
+                value = measure(dtype, row_bucket(rows), *SHAPES[klass])["crossover"]
+                stored = _read_cache()  # merge with what other processes wrote meanwhile
+                stored[k] = value
+                _write_cache(stored)
+            _known[k] = stored[k]
+    return _known[k]
+
+
+def measure(dtype: torch.dtype, rows: int, hidden: int, intermediate: int, reps: int = 7) -> dict:
+    """Median ms of the sparse kernel at each share in SHARES and of the dense FFN; the crossover share by linear
+    interpolation between the measured points (1.0 when sparse wins everywhere, 0.0 when it never does)."""
+    from bamboo.kernels.cpu_sparse_ffn import ACT_CODES
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden, generator=gen).to(dtype)
+    gw, uw = (torch.randn(intermediate, hidden, generator=gen).mul_(hidden**-0.5).to(dtype) for _ in range(2))
+    dw = torch.randn(hidden, intermediate, generator=gen).mul_(intermediate**-0.5).to(dtype)
+    dnm = dw.t().contiguous()
+    layers = 4 if intermediate * hidden * 6 > CACHE_CLASS_BYTES else 1  # memory class: rotate, so no run hits cache
+    ws = [(gw, uw, dw, dnm)] + [tuple(t.clone() for t in (gw, uw, dw, dnm)) for _ in range(layers - 1)]
+
+    def dense():
+        for g, u, d, _ in ws:
+            F.linear(F.relu(F.linear(x, g)) * F.relu(F.linear(x, u)), d)
+
+    dense_ms = _median_ms(dense, reps) / len(ws)
+    sparse_ms = []
+    for share in SHARES:
+        ids = torch.randperm(intermediate, generator=gen)[:max(1, round(share * intermediate))].sort().values
+
+        def sparse():
+            for g, u, _, d in ws:
+                torch.ops.bamboo_cpu.sparse_ffn(x, g, None, u, None, d, None, ids, ACT_CODES["relu"], False, 2.0)
+
+        sparse_ms.append(_median_ms(sparse, reps) / len(ws))
+    return dict(shares=list(SHARES), sparse_ms=sparse_ms, dense_ms=dense_ms,
+                crossover=interpolate(list(SHARES), sparse_ms, dense_ms))
+
+
+def interpolate(shares: list, sparse_ms: list, dense_ms: float) -> float:
+    """The share where the sparse time (piecewise linear in the share) reaches the dense time."""
+    if sparse_ms[0] >= dense_ms:
+        return 0.0
+    for (s0, t0), (s1, t1) in zip(zip(shares, sparse_ms), zip(shares[1:], sparse_ms[1:])):
+        if t1 >= dense_ms:
+            return s0 + (s1 - s0) * (dense_ms - t0) / (t1 - t0) if t1 > t0 else s0
+    return 1.0
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(data: dict) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)  # atomic: a reader never sees half a file
+    except OSError:
+        pass  # a read-only home: measured again in the next process
