@@ -145,6 +145,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default="benchmarks/results/cpu.json")
     parser.add_argument("--plot", default="benchmarks/results/cpu.png")
+    parser.add_argument("--models", nargs="*", default=["1b", "austen-small"], help="decode rows: 1b, austen-small")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and few repeats: checks the script")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -164,15 +165,17 @@ def main():
                                num_key_value_heads=4, num_hidden_layers=args.layers)
     if args.smoke:
         one_b = BambooConfig.named("tiny")
-    model = randomize(BambooForCausalLM(one_b)).to(torch.bfloat16).eval()
-    model.reset_non_persistent_buffers(torch.device("cpu"))
-    label_1b = "tiny model (smoke)" if args.smoke else f"~1B Bamboo shapes, {args.layers} of 22 layers"
-    rows += decode_rows(label_1b, model, args.fractions, args.prompt, args.new, args.repeats, bandwidth,
-                        rank=min(256, one_b.hidden_size // 4))
-    del model
-    small = BambooForCausalLM.from_pretrained(pretrained_path("austen-small"), dtype=torch.bfloat16).eval()
-    rows += decode_rows("austen-small (trained)", small, args.fractions, args.prompt, args.new, args.repeats,
-                        bandwidth, rank=small.config.hidden_size // 4)
+    if "1b" in args.models:
+        model = randomize(BambooForCausalLM(one_b)).to(torch.bfloat16).eval()
+        model.reset_non_persistent_buffers(torch.device("cpu"))
+        label = "tiny model (smoke)" if args.smoke else f"~1B Bamboo shapes, {args.layers} of 22 layers"
+        rows += decode_rows(label, model, args.fractions, args.prompt, args.new, args.repeats, bandwidth,
+                            rank=min(256, one_b.hidden_size // 4))
+        del model
+    if "austen-small" in args.models:
+        small = BambooForCausalLM.from_pretrained(pretrained_path("austen-small"), dtype=torch.bfloat16).eval()
+        rows += decode_rows("austen-small (trained)", small, args.fractions, args.prompt, args.new, args.repeats,
+                            bandwidth, rank=small.config.hidden_size // 4)
     facts["load_average_after"] = os.getloadavg()
     table = []
     for r in rows:

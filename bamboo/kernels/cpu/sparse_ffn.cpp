@@ -63,14 +63,25 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-// out[r] = <w, x_r> for RB rows of fp32 x (row stride ldx).
+inline void prefetch(const void* p) {
+#ifdef __AVX2__
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+#endif
+}
+
+// out[r] = <w, x_r> for RB rows of fp32 x (row stride ldx). `next` (or null): the row read after this one, when
+// it is not adjacent (a gathered row), fetched alongside this one so its first lines do not stall the next dot.
 template <typename T, int RB>
-inline void dot_rows(const T* w, const float* x, int64_t ldx, int64_t H, float* out) {
+inline void dot_rows(const T* w, const float* x, int64_t ldx, int64_t H, float* out, const T* next) {
   int64_t j = 0;
 #ifdef __AVX2__
   if constexpr (RB == 1) {  // four chains hide the FMA latency
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; j + 32 <= H; j += 32) {
+      if (next) {
+        prefetch(next + j);
+        if constexpr (sizeof(T) == 4) prefetch(next + j + 16);
+      }
       a0 = _mm256_fmadd_ps(load8(w + j), load8(x + j), a0);
       a1 = _mm256_fmadd_ps(load8(w + j + 8), load8(x + j + 8), a1);
       a2 = _mm256_fmadd_ps(load8(w + j + 16), load8(x + j + 16), a2);
@@ -82,6 +93,7 @@ inline void dot_rows(const T* w, const float* x, int64_t ldx, int64_t H, float* 
     __m256 acc[RB];
     for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
     for (; j + 8 <= H; j += 8) {
+      if (next && j % (64 / sizeof(T)) == 0) prefetch(next + j);
       __m256 wv = load8(w + j);
       for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(wv, load8(x + r * ldx + j), acc[r]);
     }
@@ -98,14 +110,14 @@ inline void dot_rows(const T* w, const float* x, int64_t ldx, int64_t H, float* 
 
 // out[r] = <w, x_r> for every row: blocks of 4 rows re-read the weight row from L1, not from memory.
 template <typename T>
-inline void dot_all_rows(const T* w, const float* x, int64_t R, int64_t H, float* out) {
-  int64_t r = 0;
-  for (; r + 4 <= R; r += 4) dot_rows<T, 4>(w, x + r * H, H, H, out + r);
+inline void dot_all_rows(const T* w, const float* x, int64_t R, int64_t H, float* out, const T* next = nullptr) {
+  int64_t r = 0;  // only the first pass over w fetches `next`: later passes hit the cache
+  for (; r + 4 <= R; r += 4) dot_rows<T, 4>(w, x + r * H, H, H, out + r, r == 0 ? next : nullptr);
   if (r + 2 <= R) {
-    dot_rows<T, 2>(w, x + r * H, H, H, out + r);
+    dot_rows<T, 2>(w, x + r * H, H, H, out + r, r == 0 ? next : nullptr);
     r += 2;
   }
-  if (r < R) dot_rows<T, 1>(w, x + r * H, H, H, out + r);
+  if (r < R) dot_rows<T, 1>(w, x + r * H, H, H, out + r, r == 0 ? next : nullptr);
 }
 
 inline float relu(float v) { return v <= 0.f ? 0.f : v; }  // NaN stays NaN, as torch.relu
@@ -144,9 +156,20 @@ void down_axpy(const T* down, int64_t ldd, const int64_t* ids, const float* h, i
       const T* p2 = down + ids[k + 2] * ldd;
       const T* p3 = down + ids[k + 3] * ldd;
       const float* hk = h + k * R;
+      const int64_t nk = std::min(k + 4, K - 1);  // the next group's rows, fetched alongside this group's
+      const T* q0 = down + ids[nk] * ldd;
+      const T* q1 = down + ids[std::min(nk + 1, K - 1)] * ldd;
+      const T* q2 = down + ids[std::min(nk + 2, K - 1)] * ldd;
+      const T* q3 = down + ids[std::min(nk + 3, K - 1)] * ldd;
       int64_t c = c0;
 #ifdef __AVX2__
       for (; c + 8 <= c1; c += 8) {
+        if ((c - c0) % (64 / sizeof(T)) == 0) {
+          prefetch(q0 + c);
+          prefetch(q1 + c);
+          prefetch(q2 + c);
+          prefetch(q3 + c);
+        }
         __m256 w0 = load8(p0 + c), w1 = load8(p1 + c), w2 = load8(p2 + c), w3 = load8(p3 + c);
         for (int64_t r = 0; r < R; ++r) {
           float* yr = y + r * O + c;
@@ -251,18 +274,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& x, const at
   at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
     float gv[16], uv[16];
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t n = ids[k];
+      const int64_t n = ids[k], next = ids[std::min(k + 1, K - 1)];
       uint8_t any = 0;
       for (int64_t r0 = 0; r0 < R; r0 += 16) {
         const int64_t rb = std::min<int64_t>(16, R - r0);
         if (exact) {
           for (int64_t r = 0; r < rb; ++r) gv[r] = g[(r0 + r) * I + n];
         } else {
-          dot_all_rows(gw + n * ldg, xf.data() + r0 * H, rb, H, gv);
+          dot_all_rows(gw + n * ldg, xf.data() + r0 * H, rb, H, gv, r0 == 0 ? gw + next * ldg : nullptr);
           if (gb)
             for (int64_t r = 0; r < rb; ++r) gv[r] += to_f(gb[n]);
         }
-        if (uw) dot_all_rows(uw + n * ldu, xf.data() + r0 * H, rb, H, uv);
+        if (uw) dot_all_rows(uw + n * ldu, xf.data() + r0 * H, rb, H, uv, r0 == 0 ? uw + next * ldu : nullptr);
         for (int64_t r = 0; r < rb; ++r) {
           float v = relu(gv[r]);
           if (uw) v *= activate(act, uv[r] + (ub ? to_f(ub[n]) : 0.f));
