@@ -145,10 +145,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default="benchmarks/results/cpu.json")
     parser.add_argument("--plot", default="benchmarks/results/cpu.png")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's, the cores)")
     parser.add_argument("--models", nargs="*", default=["1b", "austen-small"], help="decode rows: 1b, austen-small")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and few repeats: checks the script")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hidden, intermediate, rank = (64, 224, 16) if args.smoke else (4096, 14336, 256)
     if args.smoke:
         args.reps, args.layers, args.new, args.repeats, args.prompt = 2, 2, 4, 1, 8

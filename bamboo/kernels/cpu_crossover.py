@@ -6,8 +6,9 @@ ffn_bytes)`: above that share of neurons the dense FFN is faster and runs instea
 guessed: the sparse kernel with a chosen share of neurons against F.linear dense on one representative shape per
 shape class ("cache": the FFN fits in the last-level cache, as a small model's does; "memory": it does not, as a
 1B-7B model's does), for the call's dtype and row bucket (1, 2, 4, 8, 16). Each result is kept in memory and in
-a JSON file under the user cache directory, keyed by the CPU model, core count, torch version, dtype, shape class
-and rows, so each is measured once per machine (about a second each).
+a JSON file under the user cache directory, keyed by the CPU model, core and thread counts, the kernel build (its
+name hashes the source, torch version and CPU flags), dtype, shape class and rows, so each is measured once per
+machine (about a second each).
 
 Tests must not depend on timing: BAMBOO_CPU_CROSSOVER (a share, e.g. 1.0 = always sparse, 0 = always dense) or
 `set_crossover(value)` fixes it.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -64,7 +64,9 @@ def machine() -> str:
 
 
 def key(dtype: torch.dtype, rows: int, klass: str) -> str:
-    return f"{machine()}|torch {torch.__version__}|{str(dtype).removeprefix('torch.')}|{klass}|rows {row_bucket(rows)}"
+    from bamboo.kernels.cpu_build import library_name  # another kernel build (an edited source) measures afresh
+
+    return f"{machine()}|{library_name()}|{str(dtype).removeprefix('torch.')}|{klass}|rows {row_bucket(rows)}"
 
 
 def crossover(dtype: torch.dtype, rows: int, ffn_bytes: int) -> float:
@@ -91,8 +93,9 @@ def crossover(dtype: torch.dtype, rows: int, ffn_bytes: int) -> float:
 
 
 def measure(dtype: torch.dtype, rows: int, hidden: int, intermediate: int, reps: int = 7) -> dict:
-    """Median ms of the sparse kernel at each share in SHARES and of the dense FFN; the crossover share by linear
-    interpolation between the measured points (1.0 when sparse wins everywhere, 0.0 when it never does)."""
+    """Best ms of the sparse kernel at each share in SHARES and of the dense FFN (calls interleaved); the crossover
+    share by linear interpolation between the measured points (1.0 when sparse wins everywhere, 0.0 when it never
+    does). Delete the cache file (`cache_path()`) to measure again, on a quiet machine."""
     from bamboo.kernels.cpu_sparse_ffn import ACT_CODES
 
     gen = torch.Generator().manual_seed(0)
@@ -107,16 +110,23 @@ def measure(dtype: torch.dtype, rows: int, hidden: int, intermediate: int, reps:
         for g, u, d, _ in ws:
             F.linear(F.relu(F.linear(x, g)) * F.relu(F.linear(x, u)), d)
 
-    dense_ms = _median_ms(dense, reps) / len(ws)
-    sparse_ms = []
-    for share in SHARES:
-        ids = torch.randperm(intermediate, generator=gen)[:max(1, round(share * intermediate))].sort().values
-
-        def sparse():
+    def sparse(ids):
+        def run():
             for g, u, _, d in ws:
                 torch.ops.bamboo_cpu.sparse_ffn(x, g, None, u, None, d, None, ids, ACT_CODES["relu"], False, 2.0)
+        return run
 
-        sparse_ms.append(_median_ms(sparse, reps) / len(ws))
+    ids = [torch.randperm(intermediate, generator=gen)[:max(1, round(s * intermediate))].sort().values for s in SHARES]
+    fns = [dense] + [sparse(i) for i in ids]
+    for fn in fns:
+        fn()  # warm up
+    times = [[] for _ in fns]
+    for _ in range(reps):  # interleaved, and the best of each: a burst of other work hits every variant alike
+        for t, fn in zip(times, fns):
+            start = time.perf_counter()
+            fn()
+            t.append((time.perf_counter() - start) * 1e3 / len(ws))
+    dense_ms, sparse_ms = min(times[0]), [min(t) for t in times[1:]]
     return dict(shares=list(SHARES), sparse_ms=sparse_ms, dense_ms=dense_ms,
                 crossover=interpolate(list(SHARES), sparse_ms, dense_ms))
 
@@ -129,16 +139,6 @@ def interpolate(shares: list, sparse_ms: list, dense_ms: float) -> float:
         if t1 >= dense_ms:
             return s0 + (s1 - s0) * (dense_ms - t0) / (t1 - t0) if t1 > t0 else s0
     return 1.0
-
-
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def _read_cache() -> dict:

@@ -136,6 +136,10 @@ inline float activate(int64_t act, float v) {
   return v;
 }
 
+// Work below this many weight bytes per thread runs on one thread: waking a second one costs more than it saves
+// (microseconds on an idle machine, a scheduler tick on a busy one).
+constexpr int64_t kParallelBytes = 256 * 1024;
+
 template <typename T>
 const T* ptr(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<const T*>(t.data_ptr()) : nullptr;
@@ -147,7 +151,8 @@ void down_axpy(const T* down, int64_t ldd, const int64_t* ids, const float* h, i
                float* y) {
   constexpr int64_t TILE = 64;
   const int64_t tiles = (O + TILE - 1) / TILE;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t grain = std::max<int64_t>(1, kParallelBytes / std::max<int64_t>(1, K * TILE * int64_t(sizeof(T))));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     const int64_t c0 = t0 * TILE, c1 = std::min(t1 * TILE, O);
     int64_t k = 0;
     for (; k + 4 <= K; k += 4) {  // four neurons per pass: a quarter of the loads and stores of y
@@ -230,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run(const at::Tensor& x, const at
 
   std::vector<float> xf(R * H);
   for (int64_t i = 0; i < R * H; ++i) xf[i] = to_f(xp[i]);
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1));
+  const int64_t grain = std::max<int64_t>(1, kParallelBytes / std::max<int64_t>(1, H * int64_t(sizeof(T))));
 
   // 1. which neurons: the caller's ids (predictor) or the dense gate with its zero test (exact)
   std::vector<int64_t> ids;
