@@ -10,6 +10,7 @@ BAMBOO_CPU_KERNEL=0 turns the kernel off (the op then runs the reference), for c
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -28,6 +29,7 @@ def enabled() -> bool:
     return os.environ.get("BAMBOO_CPU_KERNEL", "1") != "0"
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_signature() -> str:
     """The CPU model and its flags (a -march=native build runs only where they match)."""
     try:
@@ -38,6 +40,7 @@ def cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=None)
 def library_name() -> str:
     digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + cpu_signature().encode())
     return "bamboo_cpu_sparse_ffn_" + digest.hexdigest()[:12]

@@ -15,6 +15,7 @@ Tests must not depend on timing: BAMBOO_CPU_CROSSOVER (a share, e.g. 1.0 = alway
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -55,6 +56,7 @@ def row_bucket(rows: int) -> int:
     return next((b for b in ROW_BUCKETS if rows <= b), ROW_BUCKETS[-1])
 
 
+@functools.lru_cache(maxsize=None)
 def machine() -> str:
     from bamboo.kernels.cpu_build import cpu_signature
 
@@ -77,9 +79,10 @@ def crossover(dtype: torch.dtype, rows: int, ffn_bytes: int) -> float:
     if env:
         return float(env)
     klass = shape_class(ffn_bytes)
+    fast = (dtype, row_bucket(rows), klass, torch.get_num_threads())  # the per-call lookup: no string building
+    if fast in _known:
+        return _known[fast]
     k = key(dtype, rows, klass)
-    if k in _known:
-        return _known[k]
     with _lock:
         if k not in _known:
             stored = _read_cache()
@@ -88,7 +91,7 @@ def crossover(dtype: torch.dtype, rows: int, ffn_bytes: int) -> float:
                 stored = _read_cache()  # merge with what other processes wrote meanwhile
                 stored[k] = value
                 _write_cache(stored)
-            _known[k] = stored[k]
+            _known[k] = _known[fast] = stored[k]
     return _known[k]
 
 

@@ -24,6 +24,8 @@ fp16, fp64 and weights whose rows are not contiguous run the reference.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +42,7 @@ from bamboo.ops.sparse_ffn import (
     resolve_predictor,
 )
 
+_op_module = sys.modules["bamboo.ops.sparse_ffn"]  # the module (bamboo.ops.sparse_ffn names the op itself)
 DTYPES = (torch.float32, torch.bfloat16)
 # Fixed in kernels/cpu/sparse_ffn.cpp (activate()).
 ACT_CODES = {"identity": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "sigmoid": 5, "tanh": 6}
@@ -84,7 +87,8 @@ def sparse_ffn_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, d
         down = down_weight if down_weight is not None else down_rows.t()
         y = _dense_from_gate(x2, gate_pre, up_weight, up_bias, down, down_bias, kind, up_act)
         counts = (intermediate, intermediate)
-    _record_traffic(gate_weight, up_weight, down_rows, predictor_in, predictor_out, mode, counts)
+    if _op_module._traffic is not None:  # inside count_weight_reads()
+        _record_traffic(gate_weight, up_weight, down_rows, predictor_in, predictor_out, mode, counts)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
