@@ -71,7 +71,7 @@ def sparse_ffn_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, d
         return reference_sparse_ffn(*reference, mode, up_act, threshold, top_k, predictor_table)
     intermediate = gate_weight.shape[0]
     ffn_bytes = _nbytes(gate_weight) + _nbytes(up_weight) + _nbytes(down_rows)
-    limit = cpu_crossover.crossover(x.dtype, rows, ffn_bytes)
+    limit = cpu_crossover.crossover(x.dtype, rows, ffn_bytes, mode)
     ids = None
     if mode == "predictor":
         predictor_in, predictor_out, predictor_bias, threshold, top_k = resolve_predictor(

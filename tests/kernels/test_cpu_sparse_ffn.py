@@ -215,7 +215,7 @@ def test_crossover_is_measured_once_per_key_and_cached_on_disk(tmp_path, monkeyp
     monkeypatch.delenv("BAMBOO_CPU_CROSSOVER", raising=False)
     monkeypatch.setattr(cpu_crossover, "_known", {})
     calls = []
-    monkeypatch.setattr(cpu_crossover, "measure", lambda dtype, rows, h, i: calls.append((dtype, rows, h)) or
+    monkeypatch.setattr(cpu_crossover, "measure", lambda dtype, rows, h, i, mode: calls.append((dtype, rows, h)) or
                         {"crossover": 0.6})
     assert cpu_crossover.crossover(torch.bfloat16, 3, ffn_bytes=1 << 30) == 0.6
     assert cpu_crossover.crossover(torch.bfloat16, 4, ffn_bytes=1 << 30) == 0.6  # same row bucket
@@ -226,10 +226,11 @@ def test_crossover_is_measured_once_per_key_and_cached_on_disk(tmp_path, monkeyp
     assert cpu_crossover.crossover(torch.float32, 1, ffn_bytes=1) == 0.25
 
 
-def test_measure_reports_every_share(kernel):
-    result = cpu_crossover.measure(torch.float32, 1, 32, 64, reps=1)
+@pytest.mark.parametrize("mode", ["exact", "predictor"])
+def test_measure_reports_every_share(kernel, mode):
+    result = cpu_crossover.measure(torch.float32, 1, 32, 64, mode=mode, reps=1)
     assert result["shares"] == list(cpu_crossover.SHARES) and len(result["sparse_ms"]) == len(cpu_crossover.SHARES)
-    assert result["dense_ms"] > 0 and 0.0 <= result["crossover"] <= 1.0
+    assert result["dense_ms"] > 0 and 0.0 <= result["crossover"] <= 1.0 and result["mode"] == mode
 
 
 # -- where it cannot build -------------------------------------------------------------------------------------
