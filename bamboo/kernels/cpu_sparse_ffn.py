@@ -72,6 +72,8 @@ def sparse_ffn_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, d
     intermediate = gate_weight.shape[0]
     ffn_bytes = _nbytes(gate_weight) + _nbytes(up_weight) + _nbytes(down_rows)
     limit = cpu_crossover.crossover(x.dtype, rows, ffn_bytes, mode)
+    if limit <= 0.0:  # sparse is slower at any share here (small FFNs: predictor mode's fixed costs dominate)
+        return reference_sparse_ffn(*reference, "dense", up_act)
     ids = None
     if mode == "predictor":
         predictor_in, predictor_out, predictor_bias, threshold, top_k = resolve_predictor(
