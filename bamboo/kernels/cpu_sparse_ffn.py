@@ -48,10 +48,12 @@ DTYPES = (torch.float32, torch.bfloat16)
 ACT_CODES = {"identity": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "sigmoid": 5, "tanh": 6}
 
 
-def supports(x, gate_weight, up_weight, down_rows) -> bool:
-    """The kernel's reach: fp32/bf16, rows of every weight contiguous (views of a stacked parameter are fine)."""
+def supports(x, gate_weight, up_weight, down_rows, *biases) -> bool:
+    """The kernel's reach: fp32/bf16, rows of every weight contiguous (views of a stacked parameter are fine),
+    biases in the input's dtype (the kernel reads them as such; the reference says what is wrong otherwise)."""
     return (x.dtype in DTYPES and x.numel() > 0 and down_rows.shape[1] > 0
-            and all(w is None or w.stride(-1) == 1 for w in (gate_weight, up_weight, down_rows)))
+            and all(w is None or w.stride(-1) == 1 for w in (gate_weight, up_weight, down_rows))
+            and all(b is None or (b.dtype == x.dtype and b.dim() == 1) for b in biases))
 
 
 @torch.library.register_kernel("bamboo::sparse_ffn", "cpu")
@@ -67,7 +69,7 @@ def sparse_ffn_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, d
     if mode == "dense" or rows > PREDICTOR_MAX_ROWS:  # prefill: the union of rows covers nearly every neuron
         return reference_sparse_ffn(*reference, "dense", up_act)
     down_rows = down_weight_nm if down_weight_nm is not None else neuron_major_rows(down_weight)
-    if not (supports(x2, gate_weight, up_weight, down_rows) and cpu_build.available()):
+    if not (supports(x2, gate_weight, up_weight, down_rows, gate_bias, up_bias, down_bias) and cpu_build.available()):
         return reference_sparse_ffn(*reference, mode, up_act, threshold, top_k, predictor_table)
     intermediate = gate_weight.shape[0]
     ffn_bytes = _nbytes(gate_weight) + _nbytes(up_weight) + _nbytes(down_rows)

@@ -195,6 +195,18 @@ def test_prefill_sized_calls_run_dense(kernel_only, monkeypatch):
     assert seen == ["dense"]
 
 
+def test_a_bias_of_another_dtype_is_left_to_the_reference(kernel, monkeypatch):
+    seen = []
+    monkeypatch.setattr(cpu, "reference_sparse_ffn", lambda *a, **k: seen.append(a[12]) or reference_sparse_ffn(*a, **k))
+    w = make(2, 40, 70, 36, torch.float32, seed=10, bias=True)
+    w["db"] = w["db"].double()
+    try:
+        call(w, "drelu", "exact", "relu")
+    except RuntimeError:
+        pass  # the reference's own complaint, whatever torch says
+    assert seen == ["exact"]
+
+
 def test_fp16_and_fp64_run_the_reference(kernel):
     for dtype in (torch.float16, torch.float64):
         w = make(2, 40, 70, 36, dtype, seed=9)
