@@ -5,11 +5,10 @@ import sys
 
 import pytest
 
-pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-
 
 @pytest.mark.slow
 def test_onnxruntime_rows_smoke_run_writes_every_row(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     from benchmarks import onnxruntime_rows
 
     out = tmp_path / "ort.json"
@@ -52,3 +51,23 @@ def test_decode_e2e_smoke_run_on_the_trained_model_writes_rows_and_a_plot(tmp_pa
         assert r["tok_s"] == pytest.approx(r["batch"] / r["step_ms"] * 1e3) and r["batch"] == 1, r
     assert png.exists() == has_matplotlib
     assert "trained weights" in rows[2]["note"]
+
+
+@pytest.mark.slow
+def test_cpu_benchmark_smoke_run_writes_every_row(tmp_path, monkeypatch):
+    from benchmarks import cpu
+
+    out = tmp_path / "cpu.json"
+    monkeypatch.setattr(sys, "argv", ["cpu.py", "--smoke", "--dtypes", "bfloat16", "float32", "--fractions", "0.15",
+                                      "--models", "1b", "--json", str(out), "--plot", ""])
+    cpu.main()
+    data = json.loads(out.read_text())
+    layer = [(r["dtype"], r["variant"]) for r in data["rows"] if r["part"] == "ffn layer"]
+    assert layer == [(d, v) for d in ("bfloat16", "float32")
+                     for v in ("dense", "exact", "predictor 15%", "torch reference exact")]
+    decode = [r["variant"] for r in data["rows"] if r["part"] != "ffn layer"]
+    assert decode == ["dense eager", "exact", "predictor 15%"]
+    for r in data["rows"]:
+        assert r["ms"] > 0 and r["vs_dense"] > 0 and r["floor_share"] > 0 and r["bytes"] > 0
+    assert data["read_bandwidth_bytes_per_s"] > 0 and data["smoke"] is True and data["command"].startswith("python")
+    assert {"cpu", "cores", "torch", "load_average", "kernel_built"} <= set(data["facts"])

@@ -1,6 +1,6 @@
-"""GPU kernels behind bamboo::sparse_ffn, and the choice between them and dense matmuls. Importing this package
-registers the CUDA implementation against the op (cuda_sparse_ffn); Triton itself is imported only when a
-kernel runs.
+"""Kernels behind bamboo::sparse_ffn, and the choice between them and dense matmuls. Importing this package
+registers the CPU implementation (cpu_sparse_ffn: a C++ kernel built on first use) and the CUDA one
+(cuda_sparse_ffn) against the op; Triton itself is imported only when a kernel runs.
 
 Decode-sized inputs (at most `max_sparse_rows()` rows) go to the Triton kernels; anything larger (prefill)
 goes to dense matmuls, which are faster once the union of active neurons over the rows covers most of the FFN.
@@ -13,7 +13,7 @@ import os
 import torch
 
 from bamboo.errors import MissingDependencyError
-from bamboo.kernels import cuda_sparse_ffn  # noqa: F401  (registers the op's CUDA kernel)
+from bamboo.kernels import cpu_sparse_ffn, cuda_sparse_ffn  # noqa: F401  (register the op's CPU and CUDA kernels)
 
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 

@@ -175,9 +175,18 @@ def predictor_selection(x2, predictor_in, predictor_out, predictor_bias, thresho
     best = best_scores(x2, predictor_in, predictor_out, predictor_bias)
     chosen = (best > threshold).nonzero().squeeze(1)
     if 0 < top_k < chosen.numel():
-        order = torch.sort(best.index_select(0, chosen), descending=True, stable=True).indices[:top_k]
-        chosen = chosen.index_select(0, order).sort().values
+        chosen = chosen[_top_k_mask(best.index_select(0, chosen), top_k)]
     return chosen
+
+
+def _top_k_mask(scores: Tensor, k: int) -> Tensor:
+    """The k best of `scores` (NaN-free), ties by position: what a stable descending sort keeps, without the sort
+    (a full stable sort of 14336 scores costs about 0.35 ms on a CPU, a top-k 0.02 ms): every score above the k-th
+    best, then the first of those equal to it."""
+    kth = torch.topk(scores, k, sorted=False).values.min()
+    keep = scores > kth
+    ties = (scores == kth).nonzero().squeeze(1)[:k - int(keep.sum())]
+    return keep.index_fill_(0, ties, True)
 
 
 def reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm, down_bias,

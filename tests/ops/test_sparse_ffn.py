@@ -216,3 +216,17 @@ def test_each_weight_of_another_dtype_is_refused_by_name(position, name, fake):
                 OP(*args)
         else:
             OP(*args)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_predictor_cap_keeps_what_a_stable_descending_sort_keeps(seed):
+    """The cap's rule (top_k best by score, ties by neuron index) on scores full of ties and infinities."""
+    from bamboo.ops.sparse_ffn import _top_k_mask
+
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-3, 4, (200,), generator=gen).float()
+    scores[torch.randint(0, 200, (5,), generator=gen)] = float("inf")
+    scores[torch.randint(0, 200, (5,), generator=gen)] = -float("inf")
+    for k in (1, 7, 50, 199):
+        expected = torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
+        assert torch.equal(_top_k_mask(scores, k).nonzero().squeeze(1), expected)

@@ -1,0 +1,250 @@
+"""bamboo on a CPU: one FFN layer at Bamboo-7B shapes and whole-model decode, dense vs exact vs predictor.
+
+    python benchmarks/cpu.py --json benchmarks/results/cpu.json --plot benchmarks/results/cpu.png
+    python benchmarks/cpu.py --smoke          # tiny shapes, seconds: checks the script, its times mean nothing
+
+Part 1, one layer (hidden 4096, intermediate 14336, 1 row, random weights), bf16 and fp32: dense F.linear against
+`torch.ops.bamboo.sparse_ffn` in exact mode and in predictor mode at 10/15/25% of neurons (a random rank-256
+predictor, threshold -inf and a cap k: "forced k"), and the torch reference (index_select copies, then matmul:
+what the op ran on a CPU before its kernel). Medians of `--reps` calls.
+Part 2, decode tok/s at batch 1 (prefill excluded; the best of --repeats; dense timed before and after the
+sparse rows), dense eager vs `bamboo.compile(backend="eager")` in exact and predictor (forced k) mode: a ~1B
+Bamboo-shaped model (hidden 2048, intermediate 5632, 32 heads / 4 KV heads, random bf16 weights, `--layers` of its
+22 layers) and austen-small (trained, bf16).
+The machine's read bandwidth (a large fp32 sum) is measured in the same run; each row's floor is the bytes it
+really reads over that bandwidth. The load average before and after is recorded: other work on the machine
+slows everything.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bamboo  # noqa: E402
+from bamboo.kernels import cpu_build, cpu_crossover  # noqa: E402
+from bamboo.models import BambooConfig, BambooForCausalLM, pretrained_path  # noqa: E402
+from bamboo.ops.sparse_ffn import reference_sparse_ffn  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ffn_modules,
+    forced_k_predictors,
+    median_host_ms,
+    predictor_bytes,
+    print_table,
+    randomize,
+    weight_bytes,
+    write_json,
+)
+
+OP = torch.ops.bamboo.sparse_ffn.default
+LAYER_VARIANTS = ["dense", "exact", "predictor 10%", "predictor 15%", "predictor 25%", "torch reference exact"]
+
+
+def machine_facts() -> dict:
+    model = next((ln.split(":", 1)[1].strip() for ln in cpu_build.cpu_signature().splitlines()
+                  if ln.startswith("model name")), platform.processor())
+    return dict(cpu=model, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                python=platform.python_version(), kernel_built=cpu_build.available(),
+                kernel_library=cpu_build.library_name(), load_average=os.getloadavg())
+
+
+def read_bandwidth(mib: int, reps: int) -> float:
+    """Bytes/s of a large fp32 sum (read-only streaming, all threads)."""
+    a = torch.ones(mib * 2**20 // 4)
+    ms = median_host_ms(lambda: a.sum(), reps)
+    return a.numel() * 4 / (ms / 1e3)
+
+
+def layer_rows(hidden, intermediate, rank, dtype, fractions, reps, bandwidth):
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen).mul_(shape[-1] ** -0.5).to(dtype)
+
+    x, gw, uw, dw = r(1, hidden), r(intermediate, hidden), r(intermediate, hidden), r(hidden, intermediate)
+    p_in, p_out = r(rank, hidden), r(intermediate, rank)
+    elt = x.element_size()
+    matrix = hidden * intermediate * elt
+    row = hidden * elt
+    gate_pre = F.linear(x, gw)
+    gate_share = ((gate_pre > 0) | gate_pre.isnan()).float().mean().item()
+    product_share = ((gate_pre > 0) & (F.linear(x, uw) > 0)).float().mean().item()
+    crossover = cpu_crossover.crossover(dtype, 1, 3 * matrix)
+
+    def op(mode, k=0):
+        return lambda: OP(x, gw, None, uw, None, dw, None, None, p_in, p_out, None, "drelu", mode, "relu",
+                          -math.inf, k)
+
+    out = []
+    dense_ms = median_host_ms(lambda: F.linear(F.relu(F.linear(x, gw)) * F.relu(F.linear(x, uw)), dw), reps)
+    variants = [("dense", lambda: None, 3 * matrix, 1.0, "F.linear x3")]
+    variants.append(("exact", op("exact"), matrix + (gate_share + product_share) * intermediate * row, product_share,
+                     f"gate {gate_share:.0%} active; up rows of those, down rows of the {product_share:.0%} nonzero"))
+    for f in fractions:
+        k = round(f * intermediate)
+        variants.append((f"predictor {f:.0%}", op("predictor", k), 3 * k * row + (rank * hidden + intermediate * rank) * elt,
+                         f, f"forced k = {k}, rank-{rank} predictor"))
+    variants.append(("torch reference exact", lambda: reference_sparse_ffn(x, gw, None, uw, None, dw, None, None),
+                     variants[1][2], product_share, "index_select copies, then matmul (the CPU path before this kernel)"))
+    for name, fn, nbytes, share, note in variants:
+        ms = dense_ms if name == "dense" else median_host_ms(fn, max(3, reps // 3) if "reference" in name else reps)
+        floor = nbytes / bandwidth * 1e3
+        out.append(dict(part="ffn layer", dtype=str(dtype).removeprefix("torch."), variant=name, neurons=share,
+                        ms=ms, vs_dense=dense_ms / ms, bytes=nbytes, floor_ms=floor, floor_share=floor / ms, note=note,
+                        crossover=crossover))
+    return out
+
+
+def decode_best(model, prompt, new_tokens, repeats):
+    """Seconds per decode step: the best of `repeats` generates of `new_tokens`, minus the best 1-token generate
+    (prefill). Best, not median: on a shared machine a burst of other work only ever adds time."""
+    cache_len = prompt.shape[1] + new_tokens
+
+    def run(n):
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=n, eos_token_id=None, cache_bucket=cache_len, keep_cache=True)
+        return time.perf_counter() - start
+
+    run(new_tokens)  # compile
+    run(2)
+    full = min(run(new_tokens) for _ in range(repeats))
+    short = min(run(1) for _ in range(repeats))
+    return (full - short) / (new_tokens - 1)
+
+
+def decode_rows(label, model, fractions, prompt_len, new, repeats, bandwidth, rank):
+    from benchmarks.decode_e2e import exact_active_fraction, release
+
+    config = model.config
+    prompt = torch.randint(3, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    all_bytes, ffn_bytes = weight_bytes(model)
+    all_bytes -= config.vocab_size * config.hidden_size * next(model.parameters()).element_size() * (
+        0 if config.tie_word_embeddings else 1)  # the embedding: one row per token, not the table
+    rows = []
+
+    def record(variant, seconds, nbytes, note=""):
+        tok_s = 1 / seconds
+        floor = bandwidth / nbytes
+        rows.append(dict(part=label, variant=variant, ms=seconds * 1e3, tok_s=tok_s, bytes=nbytes, floor_tok_s=floor,
+                         floor_share=tok_s / floor, vs_dense=tok_s / rows[0]["tok_s"] if rows else 1.0, note=note))
+        print(f"  {label}: {variant}: {seconds * 1e3:.1f} ms/token, {tok_s:.1f} tok/s", flush=True)
+
+    with torch.no_grad():
+        dense_first = decode_best(model, prompt, new, repeats)
+        active = exact_active_fraction(model, prompt)
+        compiled = bamboo.compile(model, sparsity="exact", dynamic=False, backend="eager")
+        exact = decode_best(compiled, prompt, new, repeats)
+        release(compiled)
+        predicted = []
+        for f in fractions:
+            predictors = forced_k_predictors(ffn_modules(model), f, rank=rank)
+            compiled = bamboo.compile(model, sparsity="predictor", predictors=predictors, dynamic=False, backend="eager")
+            predicted.append((f, decode_best(compiled, prompt, new, repeats), predictor_bytes(predictors)))
+            release(compiled)
+        # dense again at the end: the better of the two, so a burst of load during one cannot flatter the sparse rows
+        record("dense eager", min(dense_first, decode_best(model, prompt, new, repeats)), all_bytes,
+               "best of a run before and a run after the sparse rows")
+        record("exact", exact, all_bytes - ffn_bytes * (2 / 3) * (1 - active),
+               f"{active:.0%} of neurons with a nonzero product (last prompt token); gate read whole")
+        for f, seconds, pred_bytes in predicted:
+            record(f"predictor {f:.0%}", seconds, all_bytes - ffn_bytes * (1 - f) + pred_bytes,
+                   f"forced k, rank-{rank} predictors")
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.10, 0.15, 0.25])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--layers", type=int, default=8, help="layers of the ~1B model (of its 22)")
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default="benchmarks/results/cpu.json")
+    parser.add_argument("--plot", default="benchmarks/results/cpu.png")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's, the cores)")
+    parser.add_argument("--models", nargs="*", default=["1b", "austen-small"], help="decode rows: 1b, austen-small")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and few repeats: checks the script")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hidden, intermediate, rank = (64, 224, 16) if args.smoke else (4096, 14336, 256)
+    if args.smoke:
+        args.reps, args.layers, args.new, args.repeats, args.prompt = 2, 2, 4, 1, 8
+    facts = machine_facts()
+    bandwidth = read_bandwidth(16 if args.smoke else 1024, 3 if args.smoke else 9)
+    print(f"{facts['cpu']}, {facts['cores']} cores, load {facts['load_average']}; read bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s", flush=True)
+    rows = []
+    for name in args.dtypes:
+        rows += layer_rows(hidden, intermediate, rank, getattr(torch, name), args.fractions, args.reps, bandwidth)
+        print(f"  ffn layer {name}: " + ", ".join(f"{r['variant']} {r['ms']:.2f} ms" for r in rows if r["dtype"] == name),
+              flush=True)
+    one_b = BambooConfig.named("bamboo-7b", hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+                               num_key_value_heads=4, num_hidden_layers=args.layers)
+    if args.smoke:
+        one_b = BambooConfig.named("tiny")
+    if "1b" in args.models:
+        model = randomize(BambooForCausalLM(one_b)).to(torch.bfloat16).eval()
+        model.reset_non_persistent_buffers(torch.device("cpu"))
+        label = "tiny model (smoke)" if args.smoke else f"~1B Bamboo shapes, {args.layers} of 22 layers"
+        rows += decode_rows(label, model, args.fractions, args.prompt, args.new, args.repeats, bandwidth,
+                            rank=min(256, one_b.hidden_size // 4))
+        del model
+    if "austen-small" in args.models:
+        small = BambooForCausalLM.from_pretrained(pretrained_path("austen-small"), dtype=torch.bfloat16).eval()
+        rows += decode_rows("austen-small (trained)", small, args.fractions, args.prompt, args.new, args.repeats,
+                            bandwidth, rank=small.config.hidden_size // 4)
+    facts["load_average_after"] = os.getloadavg()
+    table = []
+    for r in rows:
+        if r["part"] == "ffn layer":
+            table.append([f"ffn layer {r['dtype']}", r["variant"], f"{r['ms']:.2f} ms", f"{r['vs_dense']:.2f}x",
+                          f"{r['floor_ms']:.2f} ms", f"{r['floor_share']:.0%}", r["note"]])
+        else:
+            table.append([r["part"], r["variant"], f"{r['tok_s']:.1f} tok/s", f"{r['vs_dense']:.2f}x",
+                          f"{r['floor_tok_s']:.1f} tok/s", f"{r['floor_share']:.0%}", r["note"]])
+    print_table(["part", "variant", "time", "vs dense", "floor", "of floor", "note"], table)
+    data = dict(benchmark="cpu", smoke=args.smoke, facts=facts, read_bandwidth_bytes_per_s=bandwidth,
+                shapes=dict(hidden=hidden, intermediate=intermediate, predictor_rank=rank, rows=1,
+                            decode_config=dict(hidden=one_b.hidden_size, intermediate=one_b.intermediate_size,
+                                               layers=one_b.num_hidden_layers)),
+                reps=args.reps, rows=rows, command=" ".join(["python"] + sys.argv))
+    write_json(args.json, data)
+    if args.plot:
+        plot(data, args.plot)
+
+
+def plot(data: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = list(dict.fromkeys(f"{r['part']} {r.get('dtype', '')}".strip() for r in data["rows"]))
+    fig, axes = plt.subplots(1, len(parts), figsize=(3.2 * len(parts), 3.6), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        mine = [r for r in data["rows"] if f"{r['part']} {r.get('dtype', '')}".strip() == part]
+        ax.bar(range(len(mine)), [r["vs_dense"] for r in mine], color="tab:green")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(mine)), [r["variant"].replace("torch reference", "ref") for r in mine], rotation=60,
+                      ha="right", fontsize=7)
+        ax.set_title(part, fontsize=8)
+    axes[0][0].set_ylabel("speed vs dense (x)")
+    fig.suptitle(f"bamboo on {data['facts']['cpu']} ({data['facts']['cores']} cores), 1 row", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
