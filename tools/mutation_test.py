@@ -33,8 +33,8 @@ DEFAULT_PACKAGES = ["bamboo/passes", "bamboo/ops", "bamboo/kernels", "bamboo/onn
 # The tests that cover each source path (the longest matching prefix wins); fast files first, since -x stops at the
 # first failure and most mutants die early.
 TESTS = {
-    "bamboo/passes": ["tests/passes", "tests/test_api.py"],
-    "bamboo/ops": ["tests/ops", "tests/kernels", "tests/test_api.py"],
+    "bamboo/passes": ["tests/passes", "tests/test_api.py", "tests/test_differential.py"],
+    "bamboo/ops": ["tests/ops", "tests/kernels", "tests/test_api.py", "tests/test_differential.py"],
     "bamboo/ops/sparse_ffn_onnx.py": ["tests/onnx/test_sparse_ffn_onnx.py", "tests/onnx/test_optimize.py",
                                       "tests/onnx/test_tensorrt_profile.py", "tests/onnx/test_export_onnx.py"],
     "bamboo/kernels": ["tests/kernels"],
