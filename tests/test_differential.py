@@ -24,7 +24,7 @@ from bamboo.ops import count_weight_reads
 from tests.ffn_zoo import TinyMoE, ZooFFN
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-FP32 = dict(rtol=1e-5, atol=1e-5)
+FP32 = dict(rtol=1e-4, atol=1e-5)  # fp32, other summation orders (the CPU kernel vs MKL) over stacked layers
 
 
 # -- models whose compiled graphs are reused across layers ------------------------------------------------------
