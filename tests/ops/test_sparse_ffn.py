@@ -98,6 +98,23 @@ def test_weight_traffic_counts_only_active_rows():
     assert 0.4 < traffic.skipped_fraction < 0.8  # random weights: about half the up rows, 3/4 of the down rows
 
 
+@pytest.mark.parametrize("kind", ["drelu", "relu_mlp"])
+def test_predictor_mode_counts_the_predictor_and_the_selected_rows(kind):
+    """The bytes the demo and benchmarks report: both predictor matrices, then gate, up and down rows of the
+    selected neurons only (a cap of 20 out of 72)."""
+    args = ffn_args(kind, lead=(1, 2))
+    gw, uw, dw = args[1], args[3], args[5]
+    p_in, p_out = torch.randn(8, 24), torch.randn(72, 8)
+    args[8:11] = [p_in, p_out, None]
+    args[12], args[14], args[15] = "predictor", float("-inf"), 20
+    row = gw.shape[1] * 4
+    expected = (p_in.numel() + p_out.numel()) * 4 + 20 * row + (20 * row if uw is not None else 0) + 20 * dw.shape[0] * 4
+    for run in (OP, reference_sparse_ffn):  # the device kernel (the CPU one here) and the reference count alike
+        with count_weight_reads() as traffic:
+            run(*args)
+        assert traffic.read_bytes == expected, run
+
+
 @pytest.mark.parametrize("kind", ["drelu", "reglu", "relu_mlp"])
 def test_opcheck_schema_fake_and_autograd_registration(kind):
     args = ffn_args(kind, bias=True, dtype=torch.float64, lead=(2, 3))
