@@ -72,7 +72,7 @@ class WeightMemo:
     def get(self, weight: Tensor, derive: Callable[[Tensor], object], extra_key: tuple = ()):
         owner = weight._base if weight._base is not None else weight
         version = _version(owner)
-        if _uncached.active or (version is None and not self.cache_unversioned):
+        if getattr(_uncached, "active", False) or (version is None and not self.cache_unversioned):
             return derive(weight)
         key = (weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()), weight.dtype) + extra_key
         with self._lock:
@@ -86,8 +86,7 @@ class WeightMemo:
         return value
 
 
-_uncached = threading.local()
-_uncached.active = False
+_uncached = threading.local()  # per thread: `active` is set only inside uncached()
 
 
 @contextlib.contextmanager

@@ -247,3 +247,16 @@ def test_predictor_cap_keeps_what_a_stable_descending_sort_keeps(seed):
     for k in (1, 7, 50, 199):
         expected = torch.sort(scores, descending=True, stable=True).indices[:k].sort().values
         assert torch.equal(_top_k_mask(scores, k).nonzero().squeeze(1), expected)
+
+
+def test_the_op_runs_from_another_thread():
+    """The neuron-major memo keeps per-thread state: a thread that never entered uncached() must not fail."""
+    import threading
+
+    args = ffn_args("drelu")
+    expected = OP(*args)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(OP(*args)))
+    thread.start()
+    thread.join()
+    assert len(results) == 1 and torch.equal(results[0], expected)
