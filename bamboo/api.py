@@ -107,17 +107,16 @@ def _bind_predictors(model, predictors):
     if not isinstance(model, torch.nn.Module):
         return binder
     shapes = {(p.w_out.shape[0], p.w_in.shape[1]) for p in predictors.values()}
-    matched = set()
     for weight in list(model.parameters()) + list(model.buffers()):
         if weight.dim() != 2:
             continue
         for gate in (weight, weight.t()):  # a gate stored [in, out] (x @ W) reaches the op transposed
             if tuple(gate.shape) in shapes:
                 try:
-                    matched.add(binder.find(gate).module)
-                    binder(gate)  # keep the match for the first call
+                    binder(gate)  # matched once, and the match kept for the first call
                 except InputError:
                     pass  # an up weight, or another matrix of the same shape
+    matched = binder.matched
     if predictors and not matched:
         raise InputError(f"none of the {len(predictors)} predictors fits a gate weight of {_model_name(model)}: "
                          "they belong to another model (or to weights changed since calibration); run "

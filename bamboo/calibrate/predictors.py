@@ -204,6 +204,7 @@ class PredictorBinder:
         for p in predictors.values():
             self.by_fingerprint.setdefault(p.fingerprint, []).append(p)
         self._memo = WeightMemo(cache_unversioned=True)
+        self.matched: set[str] = set()  # modules of the predictors bound so far
 
     def find(self, gate_weight: torch.Tensor, module: str | None = None) -> LayerPredictor:
         """The predictor calibrated for this gate weight; `module` (the FFN's path, when known) settles the
@@ -228,6 +229,7 @@ class PredictorBinder:
     def __call__(self, gate_weight: torch.Tensor, module: str | None = None) -> BoundPredictor:
         def bind(weight):
             p = self.find(weight, module)
+            self.matched.add(p.module)
             move = lambda t: t.detach().to(dtype=weight.dtype, device=weight.device).contiguous()  # noqa: E731
             return BoundPredictor(move(p.w_in), move(p.w_out), move(p.bias), float(p.threshold), int(p.top_k))
 
