@@ -96,6 +96,15 @@ def make_dynamo_backend(backend: str, sparsity: str, report: CompileReport, name
     return bamboo_backend
 
 
+def _gate_candidates(weight: torch.Tensor, shapes: set):
+    """The views of a 2-D weight that can reach the op as a gate weight of one of `shapes`: the weight, its
+    transpose (a gate stored [in, out], x @ W), and equal row blocks of either (gate of a fused gate_up)."""
+    for view in (weight, weight.t()):
+        for intermediate, hidden in shapes:
+            if view.shape[1] == hidden and view.shape[0] % intermediate == 0:
+                yield from view.split(intermediate)
+
+
 def _bind_predictors(model, predictors):
     """A PredictorBinder for `predictors`, with every gate weight of `model` matched up front (the table built
     at compile time over the model's FFNs): another model's predictors are refused before the first call, and
@@ -110,12 +119,11 @@ def _bind_predictors(model, predictors):
     for weight in list(model.parameters()) + list(model.buffers()):
         if weight.dim() != 2:
             continue
-        for gate in (weight, weight.t()):  # a gate stored [in, out] (x @ W) reaches the op transposed
-            if tuple(gate.shape) in shapes:
-                try:
-                    binder(gate)  # matched once, and the match kept for the first call
-                except InputError:
-                    pass  # an up weight, or another matrix of the same shape
+        for gate in _gate_candidates(weight, shapes):
+            try:
+                binder(gate)  # matched once, and the match kept for the first call
+            except InputError:
+                pass  # an up weight, or another matrix of the same shape
     matched = binder.matched
     if predictors and not matched:
         raise InputError(f"none of the {len(predictors)} predictors fits a gate weight of {_model_name(model)}: "

@@ -28,7 +28,9 @@ class SiteWeights:
     up_bias: torch.Tensor | None
 
 
-def _resolve(model, program, node, layout="out_in"):
+def _resolve(model, program, node, layout="out_in", rows=None):
+    """The model's tensor behind a weight (or bias) node of the program, as [out, in]; `rows` (start, stop) takes
+    one part of a fused projection (gate_up: gate and up are row ranges of one weight and one bias)."""
     if node is None:
         return None
     signature = program.graph_signature
@@ -37,8 +39,14 @@ def _resolve(model, program, node, layout="out_in"):
         raise InputError(f"FFN weight {node.name} is not a parameter or buffer of the model: calibrate needs its "
                          "FFN weights stored in the model")
     owner, _, attr = name.rpartition(".")
-    tensor = getattr(model.get_submodule(owner) if owner else model, attr)
-    return tensor.detach().t() if layout == "in_out" else tensor.detach()
+    tensor = getattr(model.get_submodule(owner) if owner else model, attr).detach()
+    tensor = tensor.t() if layout == "in_out" else tensor
+    return tensor[rows[0]:rows[1]] if rows is not None else tensor
+
+
+def _gate_weight(model, program, site: FFNSite):
+    gate = site.match.gate
+    return _resolve(model, program, gate.weight, gate.layout, gate.rows)
 
 
 def ffn_sites_with_weights(model, example) -> list[SiteWeights]:
@@ -49,18 +57,21 @@ def ffn_sites_with_weights(model, example) -> list[SiteWeights]:
         raise InputError(f"{type(model).__name__} has no ReLU-sparse FFN to calibrate predictors for")
     out = []
     for site in report.sites:
+        if site.expert is not None:
+            raise InputError(f"the FFN at {site.name} is one expert of stacked expert weights (fused MoE experts): "
+                             "calibrate learns from each FFN module's input and cannot see the tokens routed to one "
+                             "expert, so predictor mode does not cover these experts yet; use sparsity='exact'")
         m = site.match
-        out.append(SiteWeights(site, _resolve(model, program, m.gate.weight, m.gate.layout),
-                               _resolve(model, program, m.gate.bias),
-                               _resolve(model, program, m.up.weight, m.up.layout) if m.up else None,
-                               _resolve(model, program, m.up.bias) if m.up else None))
+        out.append(SiteWeights(site, _gate_weight(model, program, site),
+                               _resolve(model, program, m.gate.bias, rows=m.gate.rows),
+                               _resolve(model, program, m.up.weight, m.up.layout, m.up.rows) if m.up else None,
+                               _resolve(model, program, m.up.bias, rows=m.up.rows) if m.up else None))
     return out
 
 
 def predictors_for_sites(model, program, sites: list[FFNSite], predictors: Predictors) -> list[LayerPredictor]:
     """Each site's predictor, checked against the site's gate weight as compile checks it."""
-    return [predictors.check_fits(site.module, _resolve(model, program, site.match.gate.weight, site.match.gate.layout))
-            for site in sites]
+    return [predictors.check_fits(site.module, _gate_weight(model, program, site)) for site in sites]
 
 
 class _Reservoir:

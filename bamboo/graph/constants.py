@@ -9,11 +9,22 @@ import torch.fx as fx
 
 from bamboo.graph.node_ops import set_meta_value
 
+# Views a weight reaches the op through (a transpose, a fused gate_up's rows, one expert of stacked weights).
+_VIEWS = {torch.ops.aten.t.default, torch.ops.aten.transpose.int, torch.ops.aten.permute.default,
+          torch.ops.aten.slice.Tensor, torch.ops.aten.select.int, torch.ops.aten.narrow.default,
+          torch.ops.aten.alias.default}
+
 
 def constant_value(gm: fx.GraphModule, node: fx.Node, constants: dict) -> Optional[torch.Tensor]:
-    """The tensor behind a weight node: a module attribute (get_attr) or a known example input (placeholder)."""
+    """The tensor behind a weight node: a module attribute (get_attr), a known example input (placeholder), or
+    a view of one of those."""
     if not isinstance(node, fx.Node):
         return None
+    if node.op == "call_function" and node.target in _VIEWS:
+        args = [constant_value(gm, a, constants) if isinstance(a, fx.Node) else a for a in node.args]
+        if any(v is None for v, a in zip(args, node.args) if isinstance(a, fx.Node)):
+            return None
+        return node.target(*args, **node.kwargs)
     if node.op == "get_attr":
         value = gm
         for part in node.target.split("."):

@@ -40,6 +40,8 @@ _FUNCTIONS: dict[object, str] = {
     operator.getitem: "getitem", torch.chunk: "chunk", aten.chunk.default: "chunk", torch.split: "split",
     aten.split.Tensor: "split", aten.split_with_sizes.default: "split", aten.slice.Tensor: "slice",
     aten.narrow.default: "narrow", torch.narrow: "narrow",
+    # one expert of stacked (3-D) expert weights
+    aten.select.int: "select", torch.select: "select",
     # ops that are the identity in inference (eval-mode dropout, same-dtype casts)
     F.dropout: "dropout", torch.dropout: "dropout", aten.dropout.default: "dropout",
     aten.clone.default: "clone", torch.clone: "clone", aten.alias.default: "clone",
@@ -110,6 +112,26 @@ def is_transpose_2d(node: fx.Node) -> bool:
     if len(extra) == 1 and isinstance(extra[0], (list, tuple)):
         extra = list(extra[0])
     return extra in ([], [0, 1], [1, 0], [-1, -2], [-2, -1], [1, -2], [-1, 0])
+
+
+def stacked_index(weight: fx.Node) -> Optional[int]:
+    """e when `weight` is `w[e]` of a 3-D stacked parameter (one expert of fused MoE experts), seen through
+    transposes; None for any other weight."""
+    node = weight
+    while isinstance(node, fx.Node) and op_name(node) == "transpose":
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+        return None
+    source = meta_value(node.args[0])
+    if source is None or source.dim() != 3:
+        return None
+    if op_name(node) == "select" and arg(node, 1, "dim") in (0, -3):
+        index = arg(node, 2, "index")
+    elif op_name(node) == "getitem":
+        index = node.args[1]
+    else:
+        return None
+    return index if isinstance(index, int) and not isinstance(index, bool) else None
 
 
 def relu_input(node: fx.Node) -> tuple[Optional[fx.Node], str]:

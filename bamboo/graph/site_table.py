@@ -36,8 +36,7 @@ class SiteTable(list):
         headers += list(self.extra_columns)
         rows = []
         for i, s in enumerate(self):
-            module = "(root)" if s.module == "" else (s.module or "-")
-            row = [i, s.kind, module, s.hidden_size, s.intermediate_size, s.out_features,
+            row = [i, s.kind, s.name, s.hidden_size, s.intermediate_size, s.out_features,
                    str(s.dtype).replace("torch.", ""), s.up_act if s.kind != "relu_mlp" else "-"]
             rows.append(row + [values[i] for values in self.extra_columns.values()])
         text = format_table(headers, rows)

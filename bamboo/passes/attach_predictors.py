@@ -25,11 +25,8 @@ GATE_WEIGHT, PREDICTOR_IN, PREDICTOR_OUT, PREDICTOR_BIAS, MODE, THRESHOLD, TOP_K
 
 
 def _gate_weight(gm, node: fx.Node, constants) -> Optional[torch.Tensor]:
-    source = node.args[GATE_WEIGHT]
-    if isinstance(source, fx.Node) and source.target is torch.ops.aten.t.default:  # a weight stored [in, out]
-        inner = constant_value(gm, source.args[0], constants)
-        return None if inner is None else inner.t()
-    return constant_value(gm, source, constants)
+    """The gate weight the node reads, through views (stored [in, out], rows of a fused gate_up)."""
+    return constant_value(gm, node.args[GATE_WEIGHT], constants)
 
 
 POSITIONS = {"predictor_in": PREDICTOR_IN, "predictor_out": PREDICTOR_OUT, "predictor_bias": PREDICTOR_BIAS,

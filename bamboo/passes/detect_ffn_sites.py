@@ -35,6 +35,7 @@ from bamboo.graph.node_ops import (
     op_name,
     relu_input,
     skip_identities,
+    stacked_index,
 )
 
 # f(up x) spellings the fused op can compute, by canonical op name.
@@ -53,6 +54,13 @@ class FFNSite:
     dtype: torch.dtype
     up_act: str
     match: "SiteMatch" = field(repr=False, compare=False)
+    expert: Optional[int] = None  # e when the weights are w[e] of stacked expert parameters (fused MoE experts)
+
+    @property
+    def name(self) -> str:
+        """The module path, with the expert index for one expert of stacked expert weights."""
+        module = "(root)" if self.module == "" else (self.module or "-")
+        return module if self.expert is None else f"{module}[expert {self.expert}]"
 
 
 @dataclass
@@ -150,7 +158,7 @@ def _check_site(kind, x, gate, up, down, extra, up_act) -> tuple[Optional[FFNSit
         return None, problem
     module = common_module_path([gate.output, down.output] + ([up.output] if up else []))
     site = FFNSite(kind, module, xv.shape[-1], gate.out_features, down.out_features, xv.dtype, up_act,
-                   SiteMatch(x, gate, up, down, nodes, duplicates))
+                   SiteMatch(x, gate, up, down, nodes, duplicates), stacked_index(gate.weight))
     return site, ""
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bamboo
+from bamboo.errors import InputError
 from tests.integrations.transformers_zoo import EXPECTED_SITES, FAMILIES, build, example_kwargs, logits
 
 pytest.importorskip("transformers")
@@ -93,10 +94,14 @@ def test_export_onnx_runs_in_onnxruntime_and_equals_the_model(family, tmp_path):
     assert "NonZero" in ops  # the exact-mode lowering of bamboo::sparse_ffn, not a dense FFN
 
 
+def _calibrate(m):
+    batches = [torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    return bamboo.calibrate(m, batches, rank=8, target_recall=1.0, epochs=1, progress=False)
+
+
 def test_predictor_mode_through_calibrate_on_a_transformers_model():
     m = model("llama")
-    batches = [torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    predictors = bamboo.calibrate(m, batches, rank=8, target_recall=1.0, epochs=1, progress=False)
+    predictors = _calibrate(m)
     assert len(predictors) == 2
     opt = bamboo.compile(m, sparsity="predictor", predictors=predictors)
     with torch.no_grad():
@@ -104,6 +109,35 @@ def test_predictor_mode_through_calibrate_on_a_transformers_model():
         ref = logits(m(IDS[:1, :1]))
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert [s.kind for s in opt.bamboo_report.sites] == ["reglu", "reglu"]
+
+
+def test_predictor_mode_on_a_fused_gate_up_projection():
+    """Phi-3's gate and up are the two row halves of one gate_up weight: calibrate trains on the gate half, and
+    compile (each call binds the gate view passed in) and export (each site's predictor stored) select alike."""
+    m = model("phi3")
+    predictors = _calibrate(m)
+    half = m.model.layers[0].mlp.gate_up_proj.weight.shape[0] // 2
+    assert [p.w_out.shape[0] for p in predictors.values()] == [half, half]
+    ids = IDS[:1, :1]
+    with torch.no_grad():
+        ref = logits(m(ids))
+        for p in predictors.values():
+            p.threshold = float("-inf")  # every neuron: the model's logits
+        assert close(logits(bamboo.compile(m, sparsity="predictor", predictors=predictors)(ids)), ref)
+        for p in predictors.values():
+            p.threshold, p.top_k = 0.0, 3  # a few neurons: the predictor decides, and both paths agree
+        compiled_out = logits(bamboo.compile(m, sparsity="predictor", predictors=predictors)(ids))
+        program = bamboo.export(m, (ids,), sparsity="predictor", predictors=predictors)
+        exported_out = logits(program.module()(ids, use_cache=False))
+    assert not close(compiled_out, ref)
+    torch.testing.assert_close(compiled_out, exported_out, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_experts_are_named_by_expert_and_refused_by_calibrate():
+    sites = bamboo.inspect(model("mixtral"), (IDS,))
+    assert [s.name for s in sites[:4]] == [f"model.layers.0.mlp.experts[expert {e}]" for e in range(4)]
+    with pytest.raises(InputError, match=r"experts\[expert 0\].*stacked expert weights.*sparsity='exact'"):
+        _calibrate(model("mixtral"))
 
 
 @pytest.mark.slow

@@ -1,16 +1,23 @@
 """Tiny random-weight transformers models of the families users bring, as each family spells its FFN:
 ReGLU (Mistral, Llama, Qwen2 with hidden_act="relu"), dReLU (Bamboo's MLP patched into Mistral), OPT's ReLU MLP,
 Mixtral's 3-D stacked experts (transformers-5 grouped_mm default), Phi-3's fused gate_up + chunk, T5's ReLU
-MLP with an (eval-mode) dropout before the down projection."""
+MLP with an (eval-mode) dropout before the down projection; and Bamboo's own hub remote code (a fork of the
+running transformers' Mistral, loaded with trust_remote_code=True; written for transformers 4.41)."""
 from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
 H, I, V = 32, 64, 128
-FAMILIES = ["mistral", "mistral_drelu", "llama", "qwen2", "opt", "mixtral", "phi3", "t5"]
+FAMILIES = ["mistral", "mistral_drelu", "llama", "qwen2", "opt", "mixtral", "phi3", "t5", "bamboo_remote"]
 EXPECTED_SITES = {"mistral": ("reglu", 2), "mistral_drelu": ("drelu", 2), "llama": ("reglu", 2),
                   "qwen2": ("reglu", 2), "opt": ("relu_mlp", 2), "mixtral": ("reglu", 8), "phi3": ("reglu", 2),
-                  "t5": ("relu_mlp", 4)}
+                  "t5": ("relu_mlp", 4), "bamboo_remote": ("drelu", 2)}
+REMOTE_CODE = Path(__file__).parent / "bamboo_remote_code"
 
 
 class DReLUMLP(torch.nn.Module):
@@ -53,10 +60,30 @@ def build(family: str, seed: int = 1) -> torch.nn.Module:
         model = tf.T5ForConditionalGeneration(tf.T5Config(
             vocab_size=V, d_model=H, d_kv=8, d_ff=I, num_layers=2, num_heads=4, feed_forward_proj="relu",
             decoder_start_token_id=0, pad_token_id=0, eos_token_id=2))
+    elif family == "bamboo_remote":
+        model = remote_code_model(common)
     else:
         raise ValueError(family)
     randomize(model, seed)
     return model.eval()
+
+
+def remote_code_model(config: dict) -> torch.nn.Module:
+    """Bamboo as its hub checkpoint gives it: config.json with an auto_map naming the checkpoint's own modeling
+    files, built by transformers' Auto classes with trust_remote_code=True."""
+    import transformers as tf
+
+    directory = Path(tempfile.mkdtemp(prefix="bamboo-remote-"))
+    for name in ("configuration_bamboo.py", "modeling_bamboo.py"):
+        shutil.copy(REMOTE_CODE / name, directory / name)
+    auto_map = {"AutoConfig": "configuration_bamboo.BambooConfig",
+                "AutoModelForCausalLM": "modeling_bamboo.BambooForCausalLM"}
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "bamboo", "auto_map": auto_map,
+                                                       "architectures": ["BambooForCausalLM"]}))
+    remote_config = tf.AutoConfig.from_pretrained(directory, trust_remote_code=True)
+    model = tf.AutoModelForCausalLM.from_config(remote_config, trust_remote_code=True)
+    shutil.rmtree(directory, ignore_errors=True)
+    return model
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:

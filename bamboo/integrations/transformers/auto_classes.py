@@ -29,7 +29,11 @@ from transformers.models.mistral.modeling_mistral import (
     MistralModel,
     MistralPreTrainedModel,
 )
-from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+try:
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend as _FastTokenizerBase
+except ImportError:  # transformers 4.x: the same base under its old name, without BOS/EOS handling
+    from transformers import PreTrainedTokenizerFast as _FastTokenizerBase
 
 from bamboo.models.config import MODEL_TYPE
 
@@ -106,7 +110,6 @@ def sentencepiece_backend(vocab_file: str):
     from tokenizers import Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
     from transformers.convert_slow_tokenizer import import_protobuf
-    from transformers.tokenization_utils_base import generate_merges
 
     proto = import_protobuf().ModelProto()
     with open(vocab_file, "rb") as f:
@@ -117,20 +120,31 @@ def sentencepiece_backend(vocab_file: str):
                          "Llama's): BambooTokenizerFast cannot reproduce it")
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     scores = {piece.piece: piece.score for piece in proto.pieces if piece.type == 1}  # normal pieces only
-    merges = generate_merges(vocab, scores)
+    merges = merges_by_score(vocab, scores)
     unk = proto.pieces[proto.trainer_spec.unk_id].piece
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
                               byte_fallback=proto.trainer_spec.byte_fallback))
     steps = [normalizers.Prepend(SPIECE_UNDERLINE)] if spec.add_dummy_prefix else []
     tokenizer.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", SPIECE_UNDERLINE)])
-    tokenizer.pre_tokenizer = None
+    # no pre-tokenizer: a fresh Tokenizer has none (tokenizers 0.19 refuses to set None)
     strip = [decoders.Strip(content=" ", left=1)] if spec.add_dummy_prefix else []
     tokenizer.decoder = decoders.Sequence([decoders.Replace(SPIECE_UNDERLINE, " "), decoders.ByteFallback(),
                                            decoders.Fuse(), *strip])
     return tokenizer
 
 
-class BambooTokenizerFast(TokenizersBackend):
+def merges_by_score(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """BPE merges for SentencePiece pieces: every split of a scored piece into two vocabulary pieces, the merged
+    piece's score first (SentencePiece's order), then the shorter left part, then the parts' ids."""
+    merges = []
+    for piece, score in scores.items():
+        splits = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        merges += [(left, right, score) for left, right in sorted(splits, key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+class BambooTokenizerFast(_FastTokenizerBase):
     """Bamboo's tokenizer for AutoTokenizer: the checkpoint's SentencePiece model (tokenizer.model), encoding
     exactly like SentencePiece (and like bamboo.models.tokenizer.BambooTokenizer), BOS added, left padding."""
 
@@ -148,6 +162,17 @@ class BambooTokenizerFast(TokenizersBackend):
         super().__init__(tokenizer_object=sentencepiece_backend(vocab_file), vocab_file=vocab_file,
                          unk_token=unk_token, bos_token=bos_token, eos_token=eos_token, add_bos_token=add_bos_token,
                          add_eos_token=add_eos_token, **kwargs)
+        if not hasattr(self, "update_post_processor"):  # transformers 4.x ignores add_bos_token here
+            self._add_special_tokens(add_bos_token, add_eos_token)
+
+    def _add_special_tokens(self, add_bos: bool, add_eos: bool) -> None:
+        from tokenizers.processors import TemplateProcessing
+
+        bos = [(self.bos_token, self.bos_token_id)] if add_bos else []
+        eos = [(self.eos_token, self.eos_token_id)] if add_eos else []
+        single = " ".join([t for t, _ in bos] + ["$A:0"] + [t for t, _ in eos])
+        pair = " ".join([single] + [t for t, _ in bos] + ["$B:1"] + [t for t, _ in eos])
+        self._tokenizer.post_processor = TemplateProcessing(single=single, pair=pair, special_tokens=bos + eos)
 
     @classmethod
     def convert_to_native_format(cls, trust_remote_code=False, **kwargs):
@@ -159,4 +184,4 @@ def register() -> None:
     AutoModel.register(BambooConfig, BambooModel, exist_ok=True)
     AutoModelForCausalLM.register(BambooConfig, BambooForCausalLM, exist_ok=True)
     AutoModelForSequenceClassification.register(BambooConfig, BambooForSequenceClassification, exist_ok=True)
-    AutoTokenizer.register(BambooConfig, tokenizer_class=BambooTokenizerFast, exist_ok=True)
+    AutoTokenizer.register(BambooConfig, fast_tokenizer_class=BambooTokenizerFast, exist_ok=True)
