@@ -4,12 +4,16 @@ Sparse reads fewer bytes but reads them with less regular access than a dense GE
 more rows, dense matmuls reach compute efficiency the row loop does not), and it pays fixed costs (predictor mode's
 scoring and selection) that matter on small FFNs. So the op asks `crossover(dtype, rows, ffn_bytes, mode)`: above
 that share of neurons the dense FFN is faster and runs instead. The share is measured, not guessed: the whole op
-forced sparse at a chosen share of neurons against the op in dense mode, on one representative shape per shape
+(dispatch included) forced sparse at a chosen share of neurons against the dense FFN as an uncompiled model runs
+it (three F.linear calls, no custom op), on one representative shape per shape
 class ("cache": the FFN fits in the last-level cache, as a small model's does; "memory": it does not, as a 1B-7B
 model's does), for the call's mode, dtype and row bucket (1, 2, 4, 8, 16). Each result is kept in memory and in a
 JSON file under the user cache directory, keyed by the CPU model, core and thread counts, the kernel build (its
 name hashes the source, torch version and CPU flags), dtype, shape class, rows and mode, so each is measured once
-per machine (about a second each, under 10 s for the memory class).
+per machine (about a second each, under 10 s for the memory class). A crossover below REWRITE_MIN_SHARE at one row
+means the op cannot beat the model's own dense FFN at the shares real FFNs run at that size: bamboo.compile then
+leaves such FFNs unrewritten and reports why (`dense_is_faster`), since even the op's dense fallback pays its
+dispatch.
 
 Tests must not depend on timing: BAMBOO_CPU_CROSSOVER (a share, e.g. 1.0 = always sparse, 0 = always dense) or
 `set_crossover(value)` fixes it.
@@ -28,9 +32,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 SHARES = (0.05, 0.25, 0.5, 0.75, 1.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16)
+# bamboo.compile rewrites an FFN on a CPU only where the sparse op wins with at least this share of neurons active at
+# one row: random-weight dReLU gates run about half their neurons, trained ones a quarter or more of the gate (the
+# share exact mode reads up rows for); below it, a measured win is too narrow (and too close to the noise) to pay.
+REWRITE_MIN_SHARE = 0.25
 CACHE_CLASS_BYTES = 16 << 20  # FFN weights up to this size stay in this class's caches between calls
 SHAPES = {"cache": (256, 1024), "memory": (2048, 5632)}  # (hidden, intermediate): austen-small, a ~1B model
 
@@ -71,7 +80,7 @@ def key(dtype: torch.dtype, rows: int, klass: str, mode: str) -> str:
     from bamboo.kernels.cpu_build import library_name  # another kernel build (an edited source) measures afresh
 
     return (f"{machine()}|{library_name()}|{str(dtype).removeprefix('torch.')}|{klass}|rows {row_bucket(rows)}"
-            f"|{mode}")
+            f"|{mode}|vs eager")
 
 
 def crossover(dtype: torch.dtype, rows: int, ffn_bytes: int, mode: str = "exact") -> float:
@@ -109,9 +118,28 @@ def forced(value: Optional[float]):
         _override = previous
 
 
+def dense_is_faster(dtype: torch.dtype, device: torch.device, ffn_bytes: int, mode: str) -> str:
+    """Why an FFN of this size should stay the model's own dense FFN on this CPU ("" when the sparse op can win):
+    the measured crossover at one row (decode) is below REWRITE_MIN_SHARE, so the op would mostly add its dispatch
+    to a dense FFN."""
+    from bamboo.kernels import cpu_build
+
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or mode not in ("exact", "predictor") \
+            or not cpu_build.available():
+        return ""
+    share = crossover(dtype, 1, ffn_bytes, mode)
+    if share >= REWRITE_MIN_SHARE:
+        return ""
+    return (f"left dense: on this CPU the model's dense FFN is faster than bamboo's sparse op at this size "
+            f"({ffn_bytes / 2**20:.1f} MiB of {str(dtype).removeprefix('torch.')} weights, {mode} mode: the sparse "
+            f"op wins only below {share:.0%} of neurons active at one row, measured; {cache_path()}); "
+            "BAMBOO_CPU_CROSSOVER=1 rewrites it anyway")
+
+
 def measure(dtype: torch.dtype, rows: int, hidden: int, intermediate: int, mode: str = "exact", reps: int = 7) -> dict:
     """Best ms of the whole op (`torch.ops.bamboo.sparse_ffn`, its Python wrapper and, in predictor mode, its
-    selection included) forced sparse at each share in SHARES, and of the op in dense mode; calls interleaved. Exact
+    selection included) forced sparse at each share in SHARES, and of the eager dense FFN (F.linear x3, as the
+    uncompiled model runs it); calls interleaved. Exact
     mode's share is set through the gate bias (that share of neurons has a positive gate), predictor mode's through
     the cap k. The crossover share by linear interpolation between the measured points (1.0 when sparse wins
     everywhere, 0.0 when it never does). Delete the cache file (`cache_path()`) to measure again, on a quiet machine."""
@@ -126,6 +154,11 @@ def measure(dtype: torch.dtype, rows: int, hidden: int, intermediate: int, mode:
     ws = [(r(intermediate, hidden), r(intermediate, hidden), r(hidden, intermediate), r(rank, hidden),
            r(intermediate, rank)) for _ in range(layers)]
     op = torch.ops.bamboo.sparse_ffn.default
+    dense_bias = torch.zeros(intermediate, dtype=dtype)
+
+    def eager_dense():
+        for g, u, d, _, _ in ws:
+            F.linear(torch.relu(F.linear(x, g, dense_bias)) * torch.relu(F.linear(x, u)), d)
 
     def variant(m, share=1.0):
         k = max(1, round(share * intermediate))
@@ -139,7 +172,7 @@ def measure(dtype: torch.dtype, rows: int, hidden: int, intermediate: int, mode:
                    k if m == "predictor" else 0)
         return run
 
-    fns = [variant("dense")] + [variant(mode, s) for s in SHARES]
+    fns = [eager_dense] + [variant(mode, s) for s in SHARES]
     times = [[] for _ in fns]
     with forced(1.0):
         for fn in fns:

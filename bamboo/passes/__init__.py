@@ -7,6 +7,7 @@ from bamboo.passes.detect_ffn_sites import (
     detect_ffn_sites,
 )
 from bamboo.passes.infra import GraphPass, PassManager, PassResult, check_graph
+from bamboo.passes.keep_dense import dense_is_faster_here
 from bamboo.passes.rewrite_to_sparse_ffn import RewriteToSparseFFN
 from bamboo.passes.store_down_proj_neuron_major import StoreDownProjNeuronMajor
 
@@ -24,10 +25,11 @@ def dynamo_passes(mode: str = "exact", bind=None, table: int = 0, constants=None
     """The pipeline bamboo.compile runs on each Dynamo graph. Such a graph may serve several layers, so it
     stores nothing layer-specific: the op derives the neuron-major down rows from the weight of each call, and
     predictor mode binds through the registered predictor `table` (ops/bound_weights.py)."""
-    passes = [RewriteToSparseFFN(mode)]
+    passes = [RewriteToSparseFFN(mode, keep_dense=dense_is_faster_here)]
     if mode == "predictor":
         passes.append(AttachPredictors(bind, constants, table))
     return passes
+
 
 
 __all__ = [

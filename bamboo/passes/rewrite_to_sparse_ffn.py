@@ -1,13 +1,15 @@
 """Rewrite each detected FFN site into one bamboo::sparse_ffn node (the rest becomes dead code)."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.fx as fx
 
 import bamboo.ops  # noqa: F401  (registers torch.ops.bamboo)
 from bamboo.graph.linear_match import LinearMatch
 from bamboo.graph.node_ops import meta_value, set_meta_value
-from bamboo.passes.detect_ffn_sites import FFNSite, detect_ffn_sites
+from bamboo.passes.detect_ffn_sites import FFNSite, Rejection, detect_ffn_sites
 from bamboo.passes.infra import GraphPass, PassResult
 
 SPARSE_FFN = torch.ops.bamboo.sparse_ffn.default
@@ -66,16 +68,26 @@ def rewrite_site(graph: fx.Graph, site: FFNSite, mode: str, replaced: dict | Non
 
 
 class RewriteToSparseFFN(GraphPass):
-    def __init__(self, mode: str = "exact"):
-        self.mode = mode
+    """Rewrite every detected FFN site into bamboo::sparse_ffn. `keep_dense(site, mode)` may return a reason to
+    leave a site as it is (the site then joins the refusals with that reason, never silently dense)."""
+
+    def __init__(self, mode: str = "exact", keep_dense: Optional[Callable[[FFNSite, str], str]] = None):
+        self.mode, self.keep_dense = mode, keep_dense
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         report = detect_ffn_sites(gm.graph)
-        replaced: dict = {}
+        sites, rejected = [], list(report.rejected)
         for site in report.sites:
+            reason = self.keep_dense(site, self.mode) if self.keep_dense else ""
+            if reason:
+                rejected.append(Rejection(site.match.down.output.name, site.module, reason))
+            else:
+                sites.append(site)
+        replaced: dict = {}
+        for site in sites:
             replaced[site.match.down.output] = rewrite_site(gm.graph, site, self.mode, replaced)
-        return PassResult(gm, bool(report.sites), {
-            "rewritten": len(report.sites),
-            "sites": report.sites,
-            "rejected": report.rejected,
+        return PassResult(gm, bool(sites), {
+            "rewritten": len(sites),
+            "sites": sites,
+            "rejected": rejected,
         })
