@@ -2,10 +2,11 @@
 
 The kernel (kernels/cpu/sparse_ffn.cpp) reads only the selected rows of the weights in place: exact mode fuses
 the dense gate GEMV with the zero test, then runs a gather-GEMV over the active up rows and an axpy over their
-neuron-major down rows; predictor mode selects with the reference's own rule (`predictor_selection`: threshold,
-NaN as +inf, cap by score with ties by index) and runs the gather-GEMV over the gate and up rows of the selected
-neurons, then the axpy. bf16 and fp32, fp32 accumulation, 1-16 rows looped inside, OpenMP threads via
-at::parallel_for (torch's own pool and thread count).
+neuron-major down rows; predictor mode scores with the reference's own torch code (`predictor_scores`), selects
+with the reference's rule in C++ (`select_neurons`, as `predictor_selection`: threshold, NaN as +inf, cap by score
+with ties by index) and runs the gather-GEMV over the gate and up rows of the selected neurons, then the axpy.
+bf16 and fp32, fp32 accumulation, 1-16 rows looped inside, OpenMP threads via at::parallel_for (torch's own pool
+and thread count).
 
 Route: one C++ source shipped in the package and compiled just in time with torch.utils.cpp_extension.load
 (kernels/cpu_build.py; once per machine, cached), because
@@ -37,7 +38,7 @@ from bamboo.ops.sparse_ffn import (
     _nbytes,
     _record,
     check_arguments,
-    predictor_selection,
+    predictor_scores,
     reference_sparse_ffn,
     resolve_predictor,
 )
@@ -80,7 +81,8 @@ def sparse_ffn_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, d
     if mode == "predictor":
         predictor_in, predictor_out, predictor_bias, threshold, top_k = resolve_predictor(
             gate_weight, predictor_in, predictor_out, predictor_bias, threshold, top_k, predictor_table)
-        ids = predictor_selection(x2, predictor_in, predictor_out, predictor_bias, threshold, top_k)
+        scores = predictor_scores(x2, predictor_in, predictor_out, predictor_bias)  # as the reference computes them
+        ids = torch.ops.bamboo_cpu.select_neurons(scores, float(threshold), int(top_k))  # and selects, in C++
         if ids.numel() > limit * intermediate:
             return reference_sparse_ffn(*reference, "dense", up_act)
     act = ACT_CODES["identity" if kind == "relu_mlp" else up_act]

@@ -3,6 +3,7 @@ activation and down layout, 1-16 rows, exact and predictor modes, NaN/inf like d
 with a fixed crossover; the one-warning fallback when the kernel cannot build. Small shapes, odd sizes (vector
 tails); the kernel is built once per session."""
 import math
+import sys
 import warnings
 
 import pytest
@@ -123,6 +124,38 @@ def test_predictor_mode_computes_the_selected_neurons(kernel_only, rows, dtype, 
     ids = predictor_selection(w["x"], w["p_in"], w["p_out"], None, threshold, top_k)  # the op's own rule
     assert 0 < ids.numel() <= (top_k or 100)
     assert_close(y, fp64(w, kind, up_act, ids), w, kind, up_act, ids)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_c_selection_keeps_the_references_neurons(kernel, seed, monkeypatch):
+    """select_neurons against the reference's predictor_selection given the same fp32 scores: coarse values (many
+    ties at the cap), NaN and infinities, several rows, thresholds between fp32 values, caps that bind and not."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, n = [1, 3, 16, 2, 5, 1][seed], [1, 7, 64, 300, 1000, 5632][seed]
+    scores = torch.randint(-4, 5, (rows, n), generator=gen).float() / 4  # many ties
+    specials = torch.rand(rows, n, generator=gen)
+    scores[specials < 0.03] = math.nan
+    scores[(specials >= 0.03) & (specials < 0.05)] = math.inf
+    scores[(specials >= 0.05) & (specials < 0.07)] = -math.inf
+    monkeypatch.setattr(sys.modules["bamboo.ops.sparse_ffn"], "predictor_scores", lambda *args: scores)
+    for threshold in (-math.inf, 0.0, 0.25, math.nextafter(0.25, -math.inf), 1e-40, math.inf):
+        candidates = int((torch.nan_to_num(scores, nan=math.inf).amax(0) > threshold).sum())
+        for top_k in sorted({0, 1, 2, max(1, candidates // 3), candidates, candidates + 5}):
+            expected = predictor_selection(None, None, None, None, threshold, top_k)
+            got = torch.ops.bamboo_cpu.select_neurons(scores, threshold, top_k)
+            assert got.dtype == torch.int64 and torch.equal(got, expected), (threshold, top_k)
+
+
+def test_the_op_selects_through_the_c_selection(kernel_only, monkeypatch):
+    calls = []
+    select = torch.ops.bamboo_cpu.select_neurons
+    monkeypatch.setattr(torch.ops.bamboo_cpu, "select_neurons", lambda *a: calls.append(a) or select(*a),
+                        raising=False)
+    w = make(2, 40, 70, 36, torch.float32, seed=4)
+    dw, dnm = down_args(w, "linear")
+    OP(w["x"], w["gw"], None, w["uw"], None, dw, dnm, None, w["p_in"], w["p_out"], None, "drelu", "predictor", "relu",
+       0.0, 5)
+    assert len(calls) == 1 and calls[0][1:] == (0.0, 5)
 
 
 def test_predictor_bound_to_the_gate_weight(kernel_only):
