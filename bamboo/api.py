@@ -66,7 +66,7 @@ def _model_name(model) -> str:
 
 
 def make_dynamo_backend(backend: str, sparsity: str, report: CompileReport, name: str, dump_dir=None,
-                        binder=None, table: int = 0, **backend_options):
+                        binder=None, table: int = 0, keep_dense_where_faster: bool = True, **backend_options):
     """A torch.compile backend: run the passes on the captured graph, then hand it to the bamboo backend.
 
     A graph Dynamo hands over may later run for other layers (parameters are its inputs, unguarded), so the
@@ -84,7 +84,8 @@ def make_dynamo_backend(backend: str, sparsity: str, report: CompileReport, name
         if sparsity == "dense":
             return lowering.compile_graph(gm, example_inputs)
         constants = placeholder_constants(gm, example_inputs)
-        manager = PassManager(dynamo_passes(sparsity, binder, table, constants), dump_dir=dump_dir)
+        manager = PassManager(dynamo_passes(sparsity, binder, table, constants, keep_dense_where_faster),
+                              dump_dir=dump_dir)
         result = manager(copy_graph_module(gm))
         rewrite = result.stats.get("RewriteToSparseFFN", {})
         report.graphs.append({**rewrite, "history": manager.history})
@@ -181,7 +182,8 @@ def _under_adapters(model, compiled_fn):
 
 
 def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictors=None,
-            dynamic: Optional[bool] = None, fullgraph: bool = False, dump_dir=None, **backend_options):
+            dynamic: Optional[bool] = None, fullgraph: bool = False, dump_dir=None,
+            keep_dense_where_faster: bool = True, **backend_options):
     """A module with `model`'s call signature whose FFNs run as bamboo::sparse_ffn.
 
     For an nn.Module the result is a shallow copy sharing the parameters, with forward compiled, so its other
@@ -192,6 +194,9 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
     for another layer reads that layer's weights, and weights loaded after compiling are used.
     sparsity="predictor" takes `predictors` (from bamboo.calibrate, or a saved file); each is bound to the gate
     weight it was calibrated for (by fingerprint), and another model's predictors are refused.
+    On a CPU, an FFN the sparse op cannot beat at its size (measured once per machine, kernels/cpu_crossover.py)
+    is left as the model wrote it and listed in `bamboo_report` with the reason; keep_dense_where_faster=False
+    rewrites every FFN found.
     """
     check_backend_options(backend, backend_options)
     predictors = _check_sparsity(sparsity, predictors)
@@ -204,7 +209,7 @@ def compile(model, backend: str = "eager", sparsity: str = "exact", *, predictor
     binder = _bind_predictors(model, predictors) if predictors is not None else None
     table = register_predictor_table(binder) if binder is not None else 0
     dynamo_backend = make_dynamo_backend(backend, sparsity, report, _model_name(model), dump_dir, binder, table,
-                                         **backend_options)
+                                         keep_dense_where_faster, **backend_options)
     if isinstance(model, torch.nn.Module):
         compiled = copy.copy(model)
         compiled.forward = _under_adapters(model, _surface_bamboo_errors(

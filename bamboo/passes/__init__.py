@@ -21,11 +21,13 @@ def default_passes(mode: str = "exact", bind=None) -> list:
     return passes
 
 
-def dynamo_passes(mode: str = "exact", bind=None, table: int = 0, constants=None) -> list:
+def dynamo_passes(mode: str = "exact", bind=None, table: int = 0, constants=None,
+                  keep_dense_where_faster: bool = True) -> list:
     """The pipeline bamboo.compile runs on each Dynamo graph. Such a graph may serve several layers, so it
     stores nothing layer-specific: the op derives the neuron-major down rows from the weight of each call, and
-    predictor mode binds through the registered predictor `table` (ops/bound_weights.py)."""
-    passes = [RewriteToSparseFFN(mode, keep_dense=dense_is_faster_here)]
+    predictor mode binds through the registered predictor `table` (ops/bound_weights.py). A site the sparse op
+    cannot beat on this CPU stays dense, reported (keep_dense_where_faster)."""
+    passes = [RewriteToSparseFFN(mode, keep_dense=dense_is_faster_here if keep_dense_where_faster else None)]
     if mode == "predictor":
         passes.append(AttachPredictors(bind, constants, table))
     return passes

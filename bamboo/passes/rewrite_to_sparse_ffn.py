@@ -80,7 +80,7 @@ class RewriteToSparseFFN(GraphPass):
         for site in report.sites:
             reason = self.keep_dense(site, self.mode) if self.keep_dense else ""
             if reason:
-                rejected.append(Rejection(site.match.down.output.name, site.module, reason))
+                rejected.append(Rejection(site.match.down.output.name, site.name, reason))
             else:
                 sites.append(site)
         replaced: dict = {}

@@ -49,6 +49,15 @@ def test_sites_are_rewritten_where_the_sparse_op_can_win(crossover):
     assert [s.kind for s in opt.bamboo_report.sites] == ["drelu", "drelu"] and opt.bamboo_report.sites.rejected == []
 
 
+def test_keep_dense_where_faster_false_rewrites_every_site(crossover):
+    model = _model()
+    crossover(0.0)
+    opt = bamboo.compile(model, sparsity="exact", keep_dense_where_faster=False)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(IDS), model(IDS), rtol=1e-5, atol=1e-5)
+    assert len(opt.bamboo_report.sites) == 2 and opt.bamboo_report.sites.rejected == []
+
+
 def test_export_keeps_every_site_whatever_the_cpu_measured(crossover):
     crossover(0.0)
     program = bamboo.export(_model(), (IDS,))
