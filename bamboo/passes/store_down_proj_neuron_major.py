@@ -25,7 +25,7 @@ class StoreDownProjNeuronMajor(GraphPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         converted, skipped, nbytes = 0, [], 0
-        cache: dict[int, fx.Node] = {}
+        cache: dict[tuple, fx.Node] = {}
         for node in list(gm.graph.nodes):
             if node.target is not SPARSE_FFN or node.args[DOWN_WEIGHT_NM] is not None:
                 continue
@@ -34,7 +34,10 @@ class StoreDownProjNeuronMajor(GraphPass):
             if weight is None:
                 skipped.append(weight_node.name)  # a runtime input: the op derives the rows at each call
                 continue
-            key = id(weight)
+            # one buffer per distinct weight (tied or shared ones share it): keyed by where its values live, not by
+            # id(), since a view (one expert of stacked weights) is a fresh tensor whose id a later one may reuse
+            key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), tuple(weight.shape),
+                   tuple(weight.stride()), weight.dtype)
             if key not in cache:
                 cache[key] = add_buffer(gm, f"_bamboo_down_nm_{len(cache)}", weight.detach().t().contiguous(), node)
                 nbytes += weight.numel() * weight.element_size()

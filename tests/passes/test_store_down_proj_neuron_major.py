@@ -60,3 +60,36 @@ def test_runtime_weights_are_left_in_place():
     result = PassManager([RewriteToSparseFFN("exact"), StoreDownProjNeuronMajor()])(gm)
     assert result.stats["StoreDownProjNeuronMajor"]["runtime_weights"] == ["down"]
     torch.testing.assert_close(result.graph_module(*args), ffn(*args), rtol=1e-5, atol=1e-5)
+
+
+class StackedExperts(torch.nn.Module):
+    """Experts as one 3-D parameter per projection, indexed per expert (transformers-5 MoE), all applied."""
+
+    def __init__(self, experts=6, hidden=16, intermediate=24):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.gate = torch.nn.Parameter(torch.randn(experts, intermediate, hidden, generator=g))
+        self.up = torch.nn.Parameter(torch.randn(experts, intermediate, hidden, generator=g))
+        self.down = torch.nn.Parameter(torch.randn(experts, hidden, intermediate, generator=g))
+
+    def forward(self, x):
+        out = x
+        for e in range(self.gate.shape[0]):
+            h = torch.relu(torch.nn.functional.linear(x, self.gate[e])) * torch.relu(torch.nn.functional.linear(x, self.up[e]))
+            out = out + torch.nn.functional.linear(h, self.down[e])
+        return out
+
+
+def test_each_expert_of_stacked_weights_gets_its_own_rows():
+    """Views of one stacked parameter are fresh tensors whose id() a later view may take: each site must still get
+    its own expert's neuron-major rows (an id-keyed cache gave expert 2 expert 0's rows, at random)."""
+    from bamboo.graph.node_ops import stacked_index
+
+    module = StackedExperts()
+    x = torch.randn(3, 16)
+    gm = run(module, x, keep_original=False).graph_module
+    nodes = fused_nodes(gm)
+    assert [stacked_index(n.args[1]) for n in nodes] == list(range(6))
+    for expert, node in enumerate(nodes):
+        assert torch.equal(getattr(gm, node.args[6].target), module.down[expert].detach().t())
+    torch.testing.assert_close(gm(x), module(x), rtol=1e-4, atol=1e-4)  # unscaled weights: large sums
