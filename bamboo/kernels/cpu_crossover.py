@@ -130,9 +130,10 @@ def dense_is_faster(dtype: torch.dtype, device: torch.device, ffn_bytes: int, mo
     share = crossover(dtype, 1, ffn_bytes, mode)
     if share >= REWRITE_MIN_SHARE:
         return ""
+    wins = "at no share of active neurons" if share <= 0 else f"only below {share:.0%} of neurons active"
     return (f"left dense: on this CPU the model's dense FFN is faster than bamboo's sparse op at this size "
             f"({ffn_bytes / 2**20:.1f} MiB of {str(dtype).removeprefix('torch.')} weights, {mode} mode: the sparse "
-            f"op wins only below {share:.0%} of neurons active at one row, measured; {cache_path()}); "
+            f"op wins {wins} at one row, measured; {cache_path()}); keep_dense_where_faster=False or "
             "BAMBOO_CPU_CROSSOVER=1 rewrites it anyway")
 
 

@@ -33,7 +33,6 @@ def dynamo_passes(mode: str = "exact", bind=None, table: int = 0, constants=None
     return passes
 
 
-
 __all__ = [
     "AttachPredictors", "DetectionReport", "FFNSite", "GraphPass", "PassManager", "PassResult", "Rejection", "RewriteToSparseFFN",
     "StoreDownProjNeuronMajor", "check_graph", "default_passes", "detect_ffn_sites", "dynamo_passes",
