@@ -8,6 +8,7 @@ goes to dense matmuls, which are faster once the union of active neurons over th
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -68,27 +69,27 @@ def predicted_sparse_ffn(x, gate_weight, up_weight, down_rows, predictor_in, pre
     """Predictor mode (Deja Vu / PowerInfer): a low-rank predictor relu(x P_in^T) P_out^T scores every neuron;
     only the selected neurons' gate, up and down rows are read. No host synchronisation either way.
 
-    - `threshold`: neurons whose score exceeds it for any row (PowerInfer), at most `k` of them when k is given
-      (a cap; the kernel fuses scoring and selection).
-    - `k` alone: the k best by their largest score over the rows (static top-k through torch.topk).
+    - `threshold` alone: neurons whose score exceeds it for any row (PowerInfer); the kernel fuses scoring and
+      selection.
+    - with `k`: at most the k best of them by their largest score over the rows, ties by index, exactly the
+      reference's set (device_selection.top_k_by_score on the reference's scores; `k` alone: threshold -inf).
     predictor_in [rank, hidden], predictor_out [intermediate, rank], in the predictor's own dtype.
     """
     kernels = require_triton()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if threshold is not None:
+    if threshold is None and k is None:
+        raise ValueError("predicted_sparse_ffn needs k (top-k) or threshold (with an optional cap k)")
+    if k is None:  # no cap: the fused scoring kernel compacts every neuron over the threshold (any order)
         ids, count = kernels.select_by_predictor(x2, predictor_in, predictor_out, threshold, bias=predictor_bias,
                                                  gate_block=blocks.get("gate_block"),
                                                  num_warps=blocks.get("num_warps", 4))
-        y = kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
-                                      neuron_ids=ids, neuron_count=count, cap=k, **blocks)
-    elif k is not None:
+    else:  # a cap keeps the k best-scored, ties by index, as the reference does (scored by its own torch code)
+        from bamboo.kernels.device_selection import top_k_by_score
         from bamboo.ops.sparse_ffn import predictor_scores
 
         scores = predictor_scores(x2, predictor_in, predictor_out, predictor_bias)
-        ids = scores.amax(0).topk(k, sorted=False).indices.to(torch.int32)
-        y = kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
-                                      neuron_ids=ids, **blocks)
-    else:
-        raise ValueError("predicted_sparse_ffn needs k (top-k) or threshold (with an optional cap k)")
+        ids, count = top_k_by_score(scores, -math.inf if threshold is None else threshold, k)
+    y = kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
+                                  neuron_ids=ids, neuron_count=count, **blocks)
     return y.reshape(*lead, y.shape[-1])

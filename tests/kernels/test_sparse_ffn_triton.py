@@ -274,3 +274,27 @@ def test_top_k_ranks_neurons_by_their_best_score_over_all_rows():
                                     kind="drelu", mode="predictor", threshold=float("-inf"), top_k=top)
     assert rel(y, expected.double().cpu()) < TOL[torch.float32]
     assert rel(y, reference(w, "drelu", "relu", torch.tensor(sorted(best)))) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("rows", [1, 4, 9])
+def test_a_binding_cap_keeps_the_references_best_scored_neurons_run_after_run(rows):
+    """Threshold and cap, as the op's CUDA path calls it: the neurons kept are the reference's (the k best by
+    score, ties by index), not the first ones an atomic compaction wrote; the same on every run."""
+    gen = torch.Generator().manual_seed(90 + rows)
+    w = make(rows, 40, 120, 30, torch.float32, gen, bias=True)
+    p_in = (torch.randn(8, 40, generator=gen) / 40**0.5).to(DEVICE)
+    p_out = (torch.randn(120, 8, generator=gen) / 8**0.5).to(DEVICE)
+    p_bias = (torch.randn(120, generator=gen) * 0.1).to(DEVICE)
+    threshold, cap = -0.2, 9
+    from bamboo.ops.sparse_ffn import best_scores
+
+    over = int((best_scores(w["x"], p_in, p_out, p_bias) > threshold).sum())
+    assert over > 3 * cap  # the cap binds
+    expected = reference_sparse_ffn(w["x"], w["gw"], w["gb"], w["uw"], w["ub"], w["dw"], None, w["db"], p_in, p_out,
+                                    p_bias, kind="drelu", mode="predictor", up_act="relu", threshold=threshold,
+                                    top_k=cap)
+    runs = [predicted_sparse_ffn(w["x"], w["gw"], w["uw"], w["dw"].t().contiguous(), p_in, p_out, k=cap,
+                                 threshold=threshold, gate_bias=w["gb"], up_bias=w["ub"], down_bias=w["db"],
+                                 predictor_bias=p_bias) for _ in range(3)]
+    for y in runs:
+        assert rel(y, expected.double().cpu()) < TOL[torch.float32]
