@@ -97,10 +97,9 @@ class BambooAttention(nn.Module):
         q, k = apply_rotary(q, k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_position, k, v)
-        repeats = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(repeats, dim=1)
-        v = v.repeat_interleave(repeats, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # grouped-query attention reads each KV head for its group of query heads: no repeat_interleave copy of
+        # the (static, whole) cache in every layer at every step
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
 

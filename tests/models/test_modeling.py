@@ -132,3 +132,27 @@ def test_model_compiles_without_graph_breaks():
     ids = torch.randint(0, 512, (2, 5))
     explanation = torch._dynamo.explain(model)(ids)
     assert explanation.graph_break_count == 0
+
+
+def test_grouped_query_attention_equals_repeated_kv_heads_without_copying_them():
+    """Each KV head serves its group of query heads inside SDPA (enable_gqa): the same values as repeating the
+    KV heads, and no repeat_interleave of the (static, whole) cache in the graph."""
+    from bamboo.models.modeling import apply_rotary
+
+    config = small_config(num_attention_heads=8, num_key_value_heads=2)
+    model = BambooForCausalLM.from_config(config, seed=4).eval()
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, config.hidden_size)
+    cos, sin = model.model.rotary_emb(torch.arange(5)[None].expand(2, 5), x.dtype)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    q = attn.q_proj(x).view(2, 5, 8, -1).transpose(1, 2)
+    k = attn.k_proj(x).view(2, 5, 2, -1).transpose(1, 2)
+    v = attn.v_proj(x).view(2, 5, 2, -1).transpose(1, 2)
+    q, k = apply_rotary(q, k, cos, sin)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                                           attn_mask=mask)
+    expected = attn.o_proj(out.transpose(1, 2).reshape(2, 5, -1))
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, cos, sin, mask), expected, rtol=1e-5, atol=1e-5)
+    program = torch.export.export(model, (torch.randint(3, 500, (2, 6)),))
+    assert not [n for n in program.graph.nodes if "repeat_interleave" in str(n.target)]
