@@ -58,14 +58,12 @@ class BreakingStack(nn.Module):
         return x
 
 
-class HostRoutedMoE(nn.Module):
-    """Top-1 routing read on the host (as many MoE implementations do): one graph runs every expert."""
+class HostRoutedMoE(TinyMoE):
+    """TinyMoE's router and experts with top-1 routing read on the host (as many MoE implementations do): one graph
+    runs every expert."""
 
     def __init__(self, hidden=16, intermediate=32, experts=4):
-        super().__init__()
-        self.router = nn.Linear(hidden, experts, bias=False)
-        self.experts = nn.ModuleList(ZooFFN("drelu", "F.relu", "nn.Linear", hidden=hidden, intermediate=intermediate)
-                                     for _ in range(experts))
+        super().__init__(hidden, intermediate, experts)
 
     def forward(self, x):
         flat = x.reshape(-1, x.shape[-1])
