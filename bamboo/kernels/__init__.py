@@ -16,7 +16,7 @@ import torch
 from bamboo.errors import MissingDependencyError
 from bamboo.kernels import cpu_sparse_ffn, cuda_sparse_ffn  # noqa: F401  (register the op's CPU and CUDA kernels)
 
-SPARSE_DTYPES = (torch.float16, torch.bfloat16)
+SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 runs the kernels' IEEE dots
 
 
 @functools.lru_cache(maxsize=None)

@@ -37,3 +37,15 @@ def top_k_by_score(scores: Tensor, threshold: float, k: int) -> tuple[Tensor, Te
     ids = keys.topk(min(k, best.numel()), sorted=True).indices.to(torch.int32)
     count = over.sum(dtype=torch.int32).clamp(max=k).reshape(1)
     return ids, count
+
+
+def selection_mask(scores: Tensor, threshold: float, k: int) -> Tensor:
+    """bool [n]: the reference's selection (`predictor_selection`) as a mask, without a host synchronisation;
+    `k` 0 means no cap."""
+    if k > 0:
+        ids, count = top_k_by_score(scores, threshold, k)
+        valid = torch.arange(ids.numel(), device=ids.device) < count
+        mask = torch.zeros(scores.shape[-1], device=scores.device, dtype=torch.bool)
+        return mask.index_put_((ids.long(),), valid)  # topk's ids are distinct: no write races
+    best = torch.nan_to_num(scores.float().amax(0), nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    return best > threshold
