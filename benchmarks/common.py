@@ -118,6 +118,22 @@ def forced_k_predictors(mlps: dict, fraction: float, rank: int = 256):
     return Predictors(layers, {"rank": rank, "forced_k": k})
 
 
+def forced_threshold_predictors(capped, inputs):
+    """The predictors of `forced_k_predictors` without their cap, each with the threshold that lets k neurons
+    through for its layer's input in `inputs` ({module path: FFNInput}, benchmarks/read_bytes.py): the uncapped
+    path calibrated predictors take (their default), at about the same k."""
+    from dataclasses import replace
+
+    from bamboo.calibrate.predictors import Predictors
+
+    layers = []
+    for name, p in capped.items():
+        best = p.scores(inputs[name].x).amax(0)
+        threshold = best.topk(p.top_k + 1).values[-1].item() if p.top_k < best.numel() else -math.inf
+        layers.append(replace(p, threshold=threshold, top_k=0))
+    return Predictors(layers, dict(capped.meta, forced_k=None, forced_threshold=True))
+
+
 def predictor_bytes(predictors) -> int:
     return sum((p.w_in.numel() + p.w_out.numel() + p.bias.numel()) * p.w_in.element_size()
                for p in predictors.values())

@@ -129,7 +129,8 @@ def sparse_share(compiled) -> float:
 
 
 def decode_rows(label, model, fractions, prompt_len, new, repeats, bandwidth, rank):
-    from benchmarks.decode_e2e import exact_active_fraction, release
+    from benchmarks.decode_e2e import release
+    from benchmarks.read_bytes import exact_active_fraction
 
     config = model.config
     prompt = torch.randint(3, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))

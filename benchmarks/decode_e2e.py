@@ -1,12 +1,20 @@
 """Decode speed of a whole Bamboo-shaped model (random weights, bf16), side by side with dense baselines.
 
     python benchmarks/decode_e2e.py --config bamboo-7b --json benchmarks/results/decode_e2e.json
+    python benchmarks/decode_e2e.py --merge part1.json part2.json --json decode_e2e.json --plot decode_e2e.png
 
-Rows (one run, same model object, same static KV cache code): dense eager; dense torch.compile
-(Inductor, CUDA graphs, the same model code); bamboo exact and bamboo predictor (forced k: random rank-256
-predictors whose threshold lets every neuron through and whose cap keeps k, labelled) through
-bamboo.compile(backend="inductor", mode="reduce-overhead"). Decode tok/s = batch x (new tokens - 1) / the time
-of the decode steps (prefill excluded: a 1-token generate is subtracted). The floor reads every byte once.
+Rows (one model object, the same static-KV-cache code): dense eager; dense torch.compile (Inductor, CUDA graphs,
+the same model code); bamboo exact; bamboo predictor: random rank-256 predictors forced to k neurons, capped at k
+(grids sized to k) and, with --variants threshold, uncapped with a threshold that passes k on the prompt's last
+token (grids sized to every neuron, as calibrated predictors without a cap run); or calibrated predictors from
+--predictors. All through bamboo.compile(backend="inductor", mode="reduce-overhead"). Each variant compiles anew:
+CUDA graphs bake the kernels' grids, so no graph carries over between predictors or batch sizes.
+
+Decode tok/s = batch x (new tokens - 1) / the time of the decode steps (prefill excluded: a 1-token generate is
+subtracted). The floor is the bytes one step reads (benchmarks/read_bytes.py: the rows each variant's code really
+reads, the other weights but the input embedding, the static KV cache) over the measured read bandwidth; a model
+that fits in L2 gets no floor. The JSON is rewritten after every row, so a run cut at a time limit keeps its rows;
+--merge joins the parts of a split run (benchmarks/gpu_session.sh).
 """
 from __future__ import annotations
 
@@ -19,18 +27,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bamboo  # noqa: E402
+from bamboo.kernels import max_sparse_rows  # noqa: E402
 from bamboo.models import BambooConfig, BambooForCausalLM, pretrained_path  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     device_facts,
     ffn_modules,
     forced_k_predictors,
-    predictor_bytes,
+    forced_threshold_predictors,
     print_table,
     randomize,
     read_bandwidth,
-    weight_bytes,
     write_json,
 )
+from benchmarks.read_bytes import ffn_inputs, ffn_reads, kv_cache_bytes, outside_ffn_bytes  # noqa: E402
 
 
 def synchronize(device):
@@ -66,53 +75,68 @@ def decode_seconds(model, prompt, new_tokens, repeats):
     return (full - short) / (new_tokens - 1)
 
 
-def exact_active_fraction(model, prompt) -> float:
-    """Share of FFN neurons with a nonzero product for the prompt's last token, union over the batch rows,
-    averaged over layers: what exact mode reads of up and down."""
-    shares = []
-    model.clear_cache()  # a full forward without the cache (the next generate sets it up again)
+def predictor_variants(args, model, inputs):
+    """(variant, predictors, note) for each predictor row: calibrated predictors from --predictors, else random
+    rank-256 ones at each fraction, capped at k (grids sized to k) and, with "threshold", uncapped with a
+    threshold that passes k on the prompt's last token (grids sized to every neuron, as a calibrated predictor
+    without a cap runs)."""
+    if args.predictors:
+        from bamboo.calibrate.predictors import Predictors
 
-    def hook(mlp, args):
-        x = args[0][:, -1]
-        shares.append(((mlp.gate_proj(x) > 0) & (mlp.up_proj(x) > 0)).any(0).float().mean().item())
+        loaded = Predictors.load(args.predictors)
+        device = next(model.parameters()).device
+        predictors = Predictors([p.to(device=device) for p in loaded.values()], loaded.meta)
+        if "predictor" in args.variants:
+            yield "bamboo predictor (calibrated)", predictors, f"calibrated predictors: {args.predictors}"
+        return
+    for fraction in args.fractions:
+        capped = forced_k_predictors(ffn_modules(model), fraction)
+        if "predictor" in args.variants:
+            yield f"bamboo predictor {fraction:.0%}, cap k", capped, "forced k: random predictors, cap k"
+        if "threshold" in args.variants:
+            yield (f"bamboo predictor ~{fraction:.0%}, threshold only", forced_threshold_predictors(capped, inputs),
+                   "random predictors, no cap: threshold passes k on the prompt's last token")
 
-    handles = [layer.mlp.register_forward_pre_hook(hook) for layer in model.model.layers]
-    try:
-        model(prompt)
-    finally:
-        for h in handles:
-            h.remove()
-    return sum(shares) / len(shares)
+
+def with_ratios(rows):
+    """vs_dense_compiled for every row from the same batch's dense compiled row (if any)."""
+    compiled = {r["batch"]: r["tok_s"] for r in rows if r["variant"].startswith("dense torch.compile")
+                or r["variant"].startswith("dense compiled")}
+    for r in rows:
+        r["vs_dense_compiled"] = r["tok_s"] / compiled[r["batch"]] if r["batch"] in compiled else None
+    return rows
 
 
-def onnxruntime_decode_table(args, config, bandwidth, rows):
-    """ORT CUDA EP rows (fp16: ORT has no bf16 TopK), from benchmarks/onnxruntime_rows.py's decode step."""
-    import tempfile
+def table_of(rows):
+    def fmt(value, spec):
+        return format(value, spec) if value is not None else "-"
 
-    try:
-        import onnxruntime as ort
+    return [[r["batch"], r["variant"], f"{r['step_ms']:.2f}", f"{r['tok_s']:.1f}", fmt(r["floor_tok_s"], ".0f"),
+             fmt(r["floor_share"], ".0%"), fmt(r["vs_dense_compiled"], ".2f") + ("x" if r["vs_dense_compiled"] else ""),
+             r["note"]] for r in rows]
 
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()
-        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    except ImportError:
-        has_cuda = False
-    if not has_cuda:
-        print("onnxruntime rows skipped: onnxruntime-gpu (CUDAExecutionProvider) is not installed", flush=True)
-        return []
-    from benchmarks.onnxruntime_rows import decode_rows
 
-    layers = args.ort_layers or config.num_hidden_layers
-    ort_config = config.replace(num_hidden_layers=layers)  # random weights, fp16, the model's shapes
-    with tempfile.TemporaryDirectory(prefix="bamboo-ort-decode-") as tmp:
-        new = decode_rows(ort_config, torch.device("cuda"), torch.float16, args.batch, args.fractions, args.prompt,
-                          args.new, Path(tmp), bandwidth)
-    for r in new:
-        r["variant"] = f"{r['variant']} ({layers} layers, fp16)"
-    rows += new
-    return [[r["batch"], r["variant"], f"{r['ms']:.2f}", f"{r['tok_s']:.1f}",
-             f"{r['batch'] * 1e3 / r['floor_ms']:.0f}", f"{r['floor_ms'] / r['ms']:.0%}", f"{r['vs_dense']:.2f}x vs ORT",
-             "ORT CUDA EP, IOBinding"] for r in new]
+HEADERS = ["batch", "variant", "ms/step", "tok/s", "floor tok/s", "of floor", "vs dense compiled", "note"]
+
+
+def merge(paths, json_path, plot_path):
+    """One JSON (and PNG) from the JSONs of several runs of this script (the GPU session runs it in parts, each
+    under the device's per-command limit): rows in file order, a later (batch, variant) replacing an earlier."""
+    import json
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = {}
+    for run in runs:
+        for r in run["rows"]:
+            rows[(r["batch"], r["variant"])] = r
+    data = dict(runs[0], rows=with_ratios(list(rows.values())), merged_from=[str(p) for p in paths],
+                commands=[run["command"] for run in runs])
+    print_table(HEADERS, table_of(data["rows"]))
+    write_json(json_path, data)
+    if plot_path:
+        from benchmarks.plot_decode_e2e import plot
+
+        plot(data, plot_path)
 
 
 def main():
@@ -121,29 +145,50 @@ def main():
     parser.add_argument("--pretrained", default=None,
                         help="a checkpoint directory or bundled name (austen-small): its trained weights (real "
                              "activation sparsity) instead of random ones")
+    parser.add_argument("--predictors", default=None,
+                        help="calibrated predictors (bamboo calibrate --out FILE) for the predictor row instead of "
+                             "random forced-k ones")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.15])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=["eager", "compiled", "exact", "predictor", "onnxruntime"])
-    parser.add_argument("--ort-layers", type=int, default=None,
-                        help="layers of the model the ONNX Runtime rows export (default: all; fp16, CUDA EP)")
+    parser.add_argument("--variants", nargs="+", default=["eager", "compiled", "exact", "predictor"],
+                        choices=["eager", "compiled", "exact", "predictor", "threshold"])
     parser.add_argument("--json", default="benchmarks/results/decode_e2e.json")
     parser.add_argument("--plot", default="benchmarks/results/decode_e2e.png")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="no run: merge these JSONs of earlier runs into --json (and --plot)")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, eager backend, no CUDA graphs, tiny model unless --config/--pretrained: checks the "
                              "script; its times say nothing about a GPU")
     args = parser.parse_args()
+    if args.merge:
+        missing = [p for p in args.merge if not Path(p).is_file()]
+        if missing:
+            sys.exit(f"--merge: no such file: {', '.join(missing)}")
+        return merge(args.merge, args.json, args.plot)
+    if args.predictors and not Path(args.predictors).is_file():
+        sys.exit(f"--predictors: no such file: {args.predictors} (make one with `bamboo calibrate --out FILE`)")
     if args.smoke:
-        device, bandwidth, compile_options = torch.device("cpu"), None, dict(backend="eager")
+        from bamboo.kernels import cpu_crossover
+
+        # the smoke checks the sparse path: on a CPU, bamboo.compile would leave FFNs this small dense
+        with cpu_crossover.forced(1.0):
+            return run(args)
+    return run(args)
+
+
+def run(args):
+    if args.smoke:
+        device, bandwidth, l2_bytes, compile_options = torch.device("cpu"), None, 0, dict(backend="eager")
         if args.config == "bamboo-7b":
             args.config = "tiny"
-        args.variants = [v for v in args.variants if v != "onnxruntime"]  # covered by onnxruntime_rows --smoke
     elif not torch.cuda.is_available():
         sys.exit("decode_e2e.py needs an NVIDIA GPU (or --smoke for a CPU check of the script)")
     else:
         device, bandwidth = torch.device("cuda"), read_bandwidth()
+        l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
         compile_options = dict(backend="inductor", mode="reduce-overhead")
     torch.manual_seed(0)
     if args.pretrained:
@@ -155,59 +200,64 @@ def main():
         with torch.device(device):
             model = randomize(BambooForCausalLM(config)).to(torch.bfloat16).eval()
         model.reset_non_persistent_buffers(device)
-    all_bytes, ffn_bytes = weight_bytes(model)
-    rows, table = [], []
+    weights = args.pretrained and "trained weights" or "random weights"
+    outside = outside_ffn_bytes(model)
+    rows = []
+
+    def write():
+        data = dict(benchmark="decode_e2e", facts=device_facts(), config=args.config, smoke=args.smoke,
+                    prompt=args.prompt, new_tokens=args.new, read_bandwidth=bandwidth, l2_bytes=l2_bytes,
+                    outside_ffn_bytes=outside, rows=with_ratios(rows), command=" ".join(["python"] + sys.argv))
+        write_json(args.json, data)  # after every row: a run stopped at a time limit keeps what it measured
+        return data
+
     for batch in args.batch:
         prompt = torch.randint(3, config.vocab_size, (batch, args.prompt), device=device)
-        dense_compiled = None
+        inputs = ffn_inputs(model, prompt)
+        fixed = outside + kv_cache_bytes(config, batch, args.prompt + args.new, 2)
 
-        def record(variant, seconds, nbytes, note=""):
+        def record(variant, seconds, reads, note=""):
+            nbytes = fixed + reads.bytes
             tok_s = batch / seconds
-            floor = batch * bandwidth / nbytes if bandwidth else None
-            row = dict(batch=batch, variant=variant, step_ms=seconds * 1e3, tok_s=tok_s, floor_tok_s=floor,
-                       floor_share=tok_s / floor if floor else None, bytes_per_step=nbytes, note=note,
-                       vs_dense_compiled=(tok_s / dense_compiled) if dense_compiled else None)
-            rows.append(row)
-            table.append([batch, variant, f"{seconds * 1e3:.2f}", f"{tok_s:.1f}", f"{floor:.0f}" if floor else "-",
-                          f"{tok_s / floor:.0%}" if floor else "-",
-                          f"{row['vs_dense_compiled']:.2f}x" if dense_compiled else "-", note])
-            print(table[-1], flush=True)
+            # a model that fits in L2 is bound by launches, not by memory: no DRAM floor for it
+            floor = batch * bandwidth / nbytes if bandwidth and nbytes > l2_bytes else None
+            if bandwidth and floor is None:
+                note = f"{note}; " if note else ""
+                note += f"{nbytes / 1e6:.0f} MB fits in the {l2_bytes / 1e6:.0f} MB L2: launch-bound, no DRAM floor"
+            rows.append(dict(batch=batch, variant=variant, step_ms=seconds * 1e3, tok_s=tok_s, floor_tok_s=floor,
+                             floor_share=tok_s / floor if floor else None, bytes_per_step=nbytes,
+                             ffn_bytes_per_step=reads.bytes, ffn_rows=reads.describe(), note=note))
+            data = write()
+            print(table_of(data["rows"])[-1], flush=True)
 
+        dense_reads = ffn_reads(inputs, "dense")
         with torch.no_grad():
             if "eager" in args.variants:
-                record("dense eager", decode_seconds(model, prompt, args.new, args.repeats), all_bytes)
+                record("dense eager", decode_seconds(model, prompt, args.new, args.repeats), dense_reads)
             if "compiled" in args.variants:
                 compiled = bamboo.compile(model, sparsity="dense", dynamic=False, **compile_options)
-                seconds = decode_seconds(compiled, prompt, args.new, args.repeats)
-                dense_compiled = batch / seconds
                 record("dense compiled (eager backend)" if args.smoke else "dense torch.compile + CUDA graphs",
-                       seconds, all_bytes)
+                       decode_seconds(compiled, prompt, args.new, args.repeats), dense_reads)
                 release(compiled)
             if "exact" in args.variants:
                 compiled = bamboo.compile(model, sparsity="exact", dynamic=False, **compile_options)
-                active = exact_active_fraction(model, prompt)
-                record("bamboo exact", decode_seconds(compiled, prompt, args.new, args.repeats),
-                       all_bytes - ffn_bytes * (2 / 3) * (1 - active),
-                       f"{'trained' if args.pretrained else 'random'} weights: {active:.0%} of neurons active "
-                       "(union over the batch, last prompt token); gate read whole")
+                seconds = decode_seconds(compiled, prompt, args.new, args.repeats)
+                if batch > max_sparse_rows():  # the op sends these rows to dense matmuls: say so, floor it dense
+                    record(f"bamboo exact, dense FFN ({batch} rows > BAMBOO_SPARSE_MAX_ROWS={max_sparse_rows()})",
+                           seconds, dense_reads, f"{weights}: the exact op runs dense matmuls at this batch")
+                else:
+                    reads = ffn_reads(inputs, "exact")
+                    record("bamboo exact", seconds, reads, f"{weights}; {reads.describe()}")
                 release(compiled)
-            if "predictor" in args.variants:
-                for fraction in args.fractions:
-                    predictors = forced_k_predictors(ffn_modules(model), fraction)
-                    compiled = bamboo.compile(model, sparsity="predictor", predictors=predictors, dynamic=False,
-                                              **compile_options)
-                    pred_bytes = predictor_bytes(predictors)
-                    record(f"bamboo predictor {fraction:.0%}", decode_seconds(compiled, prompt, args.new, args.repeats),
-                           all_bytes - ffn_bytes * (1 - fraction) + pred_bytes, "forced k, random predictors")
-                    release(compiled)
-    if "onnxruntime" in args.variants:
-        table += onnxruntime_decode_table(args, config, bandwidth, rows)
-    print_table(["batch", "variant", "ms/step", "tok/s", "floor tok/s", "of floor", "vs dense compiled", "note"],
-                table)
-    data = dict(benchmark="decode_e2e", facts=device_facts(), config=args.config, smoke=args.smoke, prompt=args.prompt,
-                new_tokens=args.new, read_bandwidth=bandwidth, weight_bytes=all_bytes, rows=rows,
-                command=" ".join(["python"] + sys.argv))
-    write_json(args.json, data)
+            for variant, predictors, note in predictor_variants(args, model, inputs):
+                compiled = bamboo.compile(model, sparsity="predictor", predictors=predictors, dynamic=False,
+                                          **compile_options)
+                reads = ffn_reads(inputs, "predictor", predictors=predictors)
+                record(variant, decode_seconds(compiled, prompt, args.new, args.repeats), reads,
+                       f"{note}; {reads.describe()}")
+                release(compiled)
+    data = write()
+    print_table(HEADERS, table_of(data["rows"]))
     if args.plot:
         from benchmarks.plot_decode_e2e import plot
 

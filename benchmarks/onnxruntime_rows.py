@@ -36,9 +36,9 @@ from benchmarks.common import (  # noqa: E402
     print_table,
     randomize,
     read_bandwidth,
-    weight_bytes,
     write_json,
 )
+from benchmarks.read_bytes import ffn_inputs, ffn_reads, kv_cache_bytes, layer_rows, outside_ffn_bytes  # noqa: E402
 
 
 class OneFFN(nn.Module):
@@ -60,7 +60,7 @@ def check_provider(session, device):
 def ffn_rows(config, device, dtype, batches, fractions, reps, workdir, bandwidth):
     model = randomize(OneFFN(config)).to(device=device, dtype=dtype).eval()
     hidden, inter = config.hidden_size, config.intermediate_size
-    dense_bytes = 3 * hidden * inter * torch.finfo(dtype).bits // 8
+    row_bytes = hidden * torch.finfo(dtype).bits // 8
     modes = [("dense", "dense", None), ("exact", "exact", None)]
     modes += [(f"predictor {f:.0%}", "predictor", forced_k_predictors({"mlp": model.mlp}, f)) for f in fractions]
     sessions = {}
@@ -69,7 +69,7 @@ def ffn_rows(config, device, dtype, batches, fractions, reps, workdir, bandwidth
                                path=workdir / f"ffn_{label.replace(' ', '_').replace('%', '')}.onnx",
                                    example_inputs=(torch.randn(2, 2, hidden, device=device, dtype=dtype),))
         check_provider(module.session, device)
-        sessions[label] = (module, predictors)
+        sessions[label] = (module, mode, predictors)
     rows = []
     for batch in batches:
         x = torch.randn(batch, 1, hidden, device=device, dtype=dtype)
@@ -78,16 +78,17 @@ def ffn_rows(config, device, dtype, batches, fractions, reps, workdir, bandwidth
             active = ((g > 0) & (u > 0)).reshape(-1, inter).any(0).float().mean().item()
             expected = model(x).float()
         dense_ms = None
-        for label, (module, predictors) in sessions.items():
+        for label, (module, mode, predictors) in sessions.items():
             out = module(x)
             err = ((out.float() - expected).norm() / expected.norm()).item()
             ms = median_host_ms(lambda m=module: m(x), reps)
             if label == "dense":
-                nbytes, dense_ms = dense_bytes, ms
-            elif label == "exact":
-                nbytes = dense_bytes * (1 + 2 * active) / 3  # the whole gate, up and down rows of active neurons
-            else:
-                nbytes = dense_bytes * predictors.meta["forced_k"] / inter + predictor_bytes(predictors)
+                dense_ms = ms
+            # rows as the ONNX lowering reads them (Gather by id: up and down rows of every selected neuron)
+            predictor = predictors["mlp"] if predictors else None
+            reads = layer_rows(x.reshape(batch, hidden), model.mlp.gate_proj.weight, model.mlp.up_proj.weight, mode,
+                               "ort", predictor)
+            nbytes = sum(reads) * row_bytes + (predictor_bytes(predictors) if predictors else 0)
             rows.append(dict(part="ffn layer", batch=batch, variant=f"ORT {label}", ms=ms, vs_dense=dense_ms / ms,
                              bytes=nbytes, floor_ms=nbytes / bandwidth * 1e3 if bandwidth else None,
                              active_fraction=active if label == "exact" else None, rel_err_vs_dense_torch=err))
@@ -98,7 +99,9 @@ def decode_rows(config, device, dtype, batches, fractions, prompt_len, new_token
     model = randomize(BambooForCausalLM(config)).to(device=device, dtype=dtype).eval()
     model.reset_non_persistent_buffers(device)
     step = BambooDecodeStep(model)
-    all_bytes, ffn_bytes = weight_bytes(model)
+    outside = outside_ffn_bytes(model)
+    inputs = {batch: ffn_inputs(model, torch.randint(3, config.vocab_size, (batch, prompt_len), device=device))
+              for batch in batches}  # each FFN's input at the prompt's last token: the rows a step reads
     modes = [("dense", "dense", None), ("exact", "exact", None)]
     modes += [(f"predictor {f:.0%}", "predictor", forced_k_predictors(ffn_modules(model), f)) for f in fractions]
     examples = step.example_inputs(prompt_len + new_tokens)
@@ -110,13 +113,8 @@ def decode_rows(config, device, dtype, batches, fractions, prompt_len, new_token
         check_provider(module.session, device)
         for batch in batches:
             ms, tokens = time_decode(module, step, config, batch, prompt_len, new_tokens, device)
-            if mode == "dense":
-                nbytes = all_bytes
-            elif mode == "exact":
-                nbytes = all_bytes - ffn_bytes / 2  # random weights: ~25% of neurons fire (gate read whole)
-            else:
-                nbytes = all_bytes - ffn_bytes * (1 - predictors.meta["forced_k"] / config.intermediate_size) \
-                    + predictor_bytes(predictors)
+            nbytes = (outside + kv_cache_bytes(config, batch, prompt_len + new_tokens, model.lm_head.weight.element_size())
+                      + ffn_reads(inputs[batch], mode, "ort", predictors).bytes)
             dense = next((r for r in rows if r["batch"] == batch and r["variant"] == "ORT dense"), None)
             rows.append(dict(part=f"decode step ({config.num_hidden_layers} layers)", batch=batch,
                              variant=f"ORT {label}", ms=ms, tok_s=batch / ms * 1e3,
