@@ -148,6 +148,8 @@ def main():
     parser.add_argument("--predictors", default=None,
                         help="calibrated predictors (bamboo calibrate --out FILE) for the predictor row instead of "
                              "random forced-k ones")
+    parser.add_argument("--ffn-kernels", choices=["compact", "fixed-grid"], default=None,
+                        help="BAMBOO_FFN_KERNELS for the bamboo rows (default: the library's, compact)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
@@ -168,6 +170,10 @@ def main():
         if missing:
             sys.exit(f"--merge: no such file: {', '.join(missing)}")
         return merge(args.merge, args.json, args.plot)
+    if args.ffn_kernels:
+        import os
+
+        os.environ["BAMBOO_FFN_KERNELS"] = args.ffn_kernels  # read by the op at every call
     if args.predictors and not Path(args.predictors).is_file():
         sys.exit(f"--predictors: no such file: {args.predictors} (make one with `bamboo calibrate --out FILE`)")
     if args.smoke:
@@ -217,6 +223,8 @@ def run(args):
         fixed = outside + kv_cache_bytes(config, batch, args.prompt + args.new, 2)
 
         def record(variant, seconds, reads, note=""):
+            if args.ffn_kernels == "fixed-grid" and variant.startswith("bamboo"):
+                variant += " [fixed grid]"
             nbytes = fixed + reads.bytes
             tok_s = batch / seconds
             # a model that fits in L2 is bound by launches, not by memory: no DRAM floor for it

@@ -11,6 +11,8 @@ Variants (each a CUDA graph over `--layers` distinct random layers, so repeated 
              exactly k neurons pass over the batch ("forced k"), two ways: "cap k" (the op's capped path: scores
              in torch, a device top-k, grids sized to k) and "threshold only" (no cap, as calibrated predictors run
              by default: fused scoring + compaction, grids sized to every neuron)
+  fixed grid the same exact and predictor calls on bamboo/kernels/fixed_grid_ffn.py (BAMBOO_FFN_KERNELS=fixed-grid:
+             at most three launches, no compaction, no memset), beside the compacting kernels in the same run
 The floor is the bytes the variant's code reads (benchmarks/read_bytes.py: the down kernel skips rows whose h is
 0, so with random weights about a quarter of the selected neurons' down rows) over the best measured bandwidth
 (copy or streaming read).
@@ -18,6 +20,7 @@ The floor is the bytes the variant's code reads (benchmarks/read_bytes.py: the d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bamboo.kernels import predicted_sparse_ffn  # noqa: E402
+from bamboo.kernels.fixed_grid_ffn import fixed_grid_sparse_ffn  # noqa: E402
 from bamboo.kernels.sparse_ffn_triton import triton_sparse_ffn  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     copy_bandwidth,
@@ -64,6 +68,20 @@ def forced_threshold(layer, x, k):
     threshold exists, so the speed run forces the count)."""
     scores = (torch.relu(x @ layer["p_in"].t()) @ layer["p_out"].t()).float().amax(0)
     return scores.topk(k + 1).values[-1].item()
+
+
+@contextlib.contextmanager
+def ffn_kernels(choice):
+    """BAMBOO_FFN_KERNELS for the block: the compacting kernels or the fixed-grid ones."""
+    previous = os.environ.get("BAMBOO_FFN_KERNELS")
+    os.environ["BAMBOO_FFN_KERNELS"] = choice
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["BAMBOO_FFN_KERNELS"]
+        else:
+            os.environ["BAMBOO_FFN_KERNELS"] = previous
 
 
 def rows_read(layers, xs, mode, thresholds=None, cap=0):
@@ -168,6 +186,10 @@ def main():
         reads = rows_read(layers, xs, "exact")
         record(batch, "exact", reads[2] / INTERMEDIATE, exact_ms, reads_bytes(reads), dense_ms,
                f"gate {reads[1] / INTERMEDIATE:.0%} active")
+        fixed_ms = timer(lambda: [fixed_grid_sparse_ffn(x, l["gw"], None, l["uw"], None, l["dnm"], None, "relu")
+                                  for l, x in zip(layers, xs)], reps=args.reps) / L
+        record(batch, "exact", reads[2] / INTERMEDIATE, fixed_ms, reads_bytes(reads), dense_ms,
+               f"fixed grid; gate {reads[1] / INTERMEDIATE:.0%} active")
         for fraction in args.fractions:
             k = int(round(fraction * INTERMEDIATE))
             ids = [torch.randperm(INTERMEDIATE, device=DEVICE)[:k] for _ in layers]
@@ -181,10 +203,13 @@ def main():
 
             record(batch, "gather", fraction, timer(gather, reps=args.reps) / L, 3 * k * row_bytes, dense_ms)
             thresholds = [forced_threshold(l, x, k) for l, x in zip(layers, xs)]
-            for label, cap in (("cap k", k), ("threshold only", None)):
-                ms = timer(lambda: [predicted_sparse_ffn(x, l["gw"], l["uw"], l["dnm"], l["p_in"], l["p_out"],
-                                                                   k=cap, threshold=t, **blocks.get("predictor", {}))
-                                              for l, x, t in zip(layers, xs, thresholds)], reps=args.reps) / L
+            for choice, label, cap in (("compact", "cap k", k), ("compact", "threshold only", None),
+                                       ("fixed-grid", "fixed grid, cap k", k),
+                                       ("fixed-grid", "fixed grid, threshold only", None)):
+                with ffn_kernels(choice):
+                    ms = timer(lambda: [predicted_sparse_ffn(x, l["gw"], l["uw"], l["dnm"], l["p_in"], l["p_out"],
+                                                             k=cap, threshold=t, **blocks.get("predictor", {}))
+                                        for l, x, t in zip(layers, xs, thresholds)], reps=args.reps) / L
                 reads = rows_read(layers, xs, "predictor", thresholds, cap or 0)
                 record(batch, "predictor", fraction, ms, reads_bytes(reads) + predictor_bytes, dense_ms,
                        f"forced k, {label}; down rows {reads[2] / INTERMEDIATE:.1%}")

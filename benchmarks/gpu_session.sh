@@ -12,6 +12,7 @@
 #   e2e-more      7B decode, batch 1: exact, predictor ~15% threshold only (grids sized to every neuron)   (~5 min)
 #   e2e-fractions 7B decode, batch 1: predictor 10% and 25%, cap k                                          (~5 min)
 #   e2e-batch4    7B decode, batch 4: dense compiled, exact (dense FFN past BAMBOO_SPARSE_MAX_ROWS), 15% (~6 min)
+#   e2e-fixed     7B decode, batch 1, on the fixed-grid kernels: exact, predictor ~15% threshold only     (~5 min)
 #   kernel        one FFN layer at 7B shapes, batch 1-16, 5-50% of neurons (benchmarks/ffn_kernel.py)     (~3 min)
 #   austen        austen-small (trained, calibrated predictors; it fits in L2: launch-bound rows)         (~4 min)
 #   ort-part      keep the onnxruntime-gpu wheel part carried in .ortgpu/ in /tmp (one 60 MB part per call)
@@ -70,6 +71,7 @@ step() {
     e2e-core) e2e e2e_core --batch 1 --variants eager compiled predictor --fractions 0.15 ;;
     e2e-more) e2e e2e_more --batch 1 --variants exact threshold --fractions 0.15 ;;
     e2e-fractions) e2e e2e_fractions --batch 1 --variants predictor --fractions 0.10 0.25 ;;
+    e2e-fixed) e2e e2e_fixed --batch 1 --variants exact threshold --fractions 0.15 --ffn-kernels fixed-grid ;;
     e2e-batch4) e2e e2e_batch4 --batch 4 --variants compiled exact predictor --fractions 0.15 ;;
     kernel)
         timeout 400 python benchmarks/ffn_kernel.py "${SMOKE_KERNEL[@]}" --json "$OUT/ffn_kernel.json" 2>&1 | tee "$OUT/ffn_kernel.log" | tail -45

@@ -159,11 +159,13 @@ def test_ffn_kernel_smoke_run_writes_every_row(tmp_path, monkeypatch):
     ffn_kernel.main()
     data = json.loads(out.read_text())
     assert [(r["variant"], r["label"].split(";")[0]) for r in data["results"]] == [
-        ("dense", ""), ("exact", "gate 50% active"), ("gather", ""), ("predictor", "forced k, cap k"),
-        ("predictor", "forced k, threshold only")]
-    dense, exact, gather, capped, uncapped = data["results"]
+        ("dense", ""), ("exact", "gate 50% active"), ("exact", "fixed grid"), ("gather", ""),
+        ("predictor", "forced k, cap k"), ("predictor", "forced k, threshold only"),
+        ("predictor", "forced k, fixed grid, cap k"), ("predictor", "forced k, fixed grid, threshold only")]
+    dense, exact, exact_fixed, gather, *predictor = data["results"]
     row = 64 * 2
     assert dense["bytes"] == 3 * 448 * row and gather["bytes"] == 3 * 112 * row
-    assert exact["bytes"] < dense["bytes"] and capped["bytes"] == uncapped["bytes"]  # the same 112 neurons
-    assert capped["bytes"] < 2 * 112 * row + (16 * 64 + 448 * 16) * 2 + 112 * row  # h == 0 rows of down are not read
+    assert exact["bytes"] == exact_fixed["bytes"] < dense["bytes"]
+    assert len({p["bytes"] for p in predictor}) == 1  # the same 112 neurons however they are selected
+    assert predictor[0]["bytes"] < 2 * 112 * row + (16 * 64 + 448 * 16) * 2 + 112 * row  # h == 0 down rows unread
     assert data["smoke"] is True and all(r["floor_ms"] is None for r in data["results"])

@@ -54,6 +54,19 @@ def use_sparse_kernel(x2: torch.Tensor, up_act: str, mode: str = "exact") -> boo
     return supports(x2, up_act)
 
 
+FFN_KERNELS = ("compact", "fixed-grid")
+
+
+def ffn_kernels() -> str:
+    """Which Triton kernels run the sparse FFN on CUDA (BAMBOO_FFN_KERNELS): "compact" (sparse_ffn_triton: ids
+    compacted by an atomic counter, grids sized to the ids; measured on an H100) or "fixed-grid" (fixed_grid_ffn:
+    at most three launches, no compaction, no memset; checked in Triton's interpreter, not yet timed on a GPU)."""
+    value = os.environ.get("BAMBOO_FFN_KERNELS", "compact")
+    if value not in FFN_KERNELS:
+        raise ValueError(f"BAMBOO_FFN_KERNELS={value!r} is not one of {FFN_KERNELS}; unset it for the default")
+    return value
+
+
 def require_triton():
     if not triton_available():
         raise MissingDependencyError("the sparse FFN kernels need Triton: pip install 'bamboo-compiler[triton]' "
@@ -80,6 +93,10 @@ def predicted_sparse_ffn(x, gate_weight, up_weight, down_rows, predictor_in, pre
     x2 = x.reshape(-1, x.shape[-1])
     if threshold is None and k is None:
         raise ValueError("predicted_sparse_ffn needs k (top-k) or threshold (with an optional cap k)")
+    if ffn_kernels() == "fixed-grid":
+        y = _fixed_grid_predicted(x2, gate_weight, up_weight, down_rows, predictor_in, predictor_out, k, threshold,
+                                  up_act, gate_bias, up_bias, down_bias, predictor_bias, blocks)
+        return y.reshape(*lead, y.shape[-1])
     if k is None:  # no cap: the fused scoring kernel compacts every neuron over the threshold (any order)
         ids, count = kernels.select_by_predictor(x2, predictor_in, predictor_out, threshold, bias=predictor_bias,
                                                  gate_block=blocks.get("gate_block"),
@@ -93,3 +110,22 @@ def predicted_sparse_ffn(x, gate_weight, up_weight, down_rows, predictor_in, pre
     y = kernels.triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act,
                                   neuron_ids=ids, neuron_count=count, **blocks)
     return y.reshape(*lead, y.shape[-1])
+
+
+def _fixed_grid_predicted(x2, gate_weight, up_weight, down_rows, predictor_in, predictor_out, k, threshold, up_act,
+                          gate_bias, up_bias, down_bias, predictor_bias, blocks):
+    """Predictor mode on the fixed-grid kernels: the threshold alone is scored inside them (three launches); a cap
+    ranks the reference's scores on the device first (device_selection) and passes the selection as a mask."""
+    from bamboo.kernels.fixed_grid_ffn import fixed_grid_sparse_ffn
+
+    weights = (x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, up_act)
+    num_warps = blocks.get("num_warps", 4)
+    if k is None:
+        return fixed_grid_sparse_ffn(*weights, predictor_in=predictor_in, predictor_out=predictor_out,
+                                     predictor_bias=predictor_bias, threshold=threshold, num_warps=num_warps)
+    from bamboo.kernels.device_selection import selection_mask
+    from bamboo.ops.sparse_ffn import predictor_scores
+
+    scores = predictor_scores(x2, predictor_in, predictor_out, predictor_bias)
+    mask = selection_mask(scores, -math.inf if threshold is None else threshold, k)
+    return fixed_grid_sparse_ffn(*weights, selection=mask, num_warps=num_warps)

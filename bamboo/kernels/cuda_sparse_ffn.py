@@ -38,7 +38,11 @@ def sparse_ffn_cuda(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, 
         return y.reshape(*x.shape[:-1], y.shape[-1])
     from bamboo.kernels.sparse_ffn_triton import triton_sparse_ffn
 
-    if mode == "exact":
+    if mode == "exact" and kernels.ffn_kernels() == "fixed-grid":
+        from bamboo.kernels.fixed_grid_ffn import fixed_grid_sparse_ffn
+
+        y = fixed_grid_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, act)
+    elif mode == "exact":
         y = triton_sparse_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, act)
     else:
         y = kernels.predicted_sparse_ffn(x2, gate_weight, up_weight, down_rows, predictor_in, predictor_out,

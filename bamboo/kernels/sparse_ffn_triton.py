@@ -81,7 +81,7 @@ def _gate_compact_kernel(x_ptr, w_ptr, b_ptr, gate_ptr, idx_ptr, count_ptr, thre
     """scores = x @ w.T (+ b) for a block of neurons. EXACT (w is the gate, scores stored for the next
     kernel): a neuron is selected unless -inf < score <= 0 in every row. Otherwise (predictor mode: x is the
     predictor's first layer output, relu applied on load, w its second layer) a neuron is selected when its
-    score exceeds `threshold` or is NaN for some row."""
+    score exceeds `threshold` for some row (NaN counts as +inf)."""
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -106,7 +106,7 @@ def _gate_compact_kernel(x_ptr, w_ptr, b_ptr, gate_ptr, idx_ptr, count_ptr, thre
     if EXACT:
         keep = ~((acc <= 0.0) & (acc > float("-inf")))
     else:
-        keep = (acc > threshold) | (acc != acc)
+        keep = (acc > threshold) | ((acc != acc) & (float("inf") > threshold))  # NaN is +inf, as the reference
     active = tl.max(tl.where(m_mask[:, None] & keep, 1, 0), axis=0)
     active = tl.where(n_mask, active, 0)
     if COMPACT:

@@ -92,13 +92,14 @@ def _op(w, mode, top_k=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("no_triton", [False, True])
+@pytest.mark.parametrize("no_triton, choice", [(False, "compact"), (False, "fixed-grid"), (True, "compact")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_calls_never_sync_and_capture_in_a_cuda_graph(no_triton, dtype, monkeypatch):
+def test_cuda_calls_never_sync_and_capture_in_a_cuda_graph(no_triton, choice, dtype, monkeypatch):
     import bamboo  # noqa: F401  (registers the op)
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    monkeypatch.setenv("BAMBOO_FFN_KERNELS", choice)
     if no_triton:
         monkeypatch.setattr(kernels, "triton_available", lambda: False)
     gen = torch.Generator().manual_seed(11)

@@ -298,3 +298,14 @@ def test_a_binding_cap_keeps_the_references_best_scored_neurons_run_after_run(ro
                                  predictor_bias=p_bias) for _ in range(3)]
     for y in runs:
         assert rel(y, expected.double().cpu()) < TOL[torch.float32]
+
+
+def test_a_nan_score_selects_unless_the_threshold_is_infinite():
+    """The reference counts a NaN score as +inf: over every finite threshold, not over +inf."""
+    gen = torch.Generator().manual_seed(8)
+    w = make(1, 40, 70, 36, torch.float32, gen)
+    w["x"][0, 3] = float("nan")
+    p_in, p_out = torch.randn(8, 40, generator=gen).to(DEVICE), torch.randn(70, 8, generator=gen).to(DEVICE)
+    for threshold, selected in ((5.0, 70), (float("inf"), 0)):
+        ids, count = k.select_by_predictor(w["x"], p_in, p_out, threshold)
+        assert int(count) == selected, threshold
