@@ -10,19 +10,11 @@ import torch
 from bamboo import kernels
 from bamboo.kernels.cuda_sparse_ffn import cuda_path, masked_predictor_ffn
 from bamboo.ops.sparse_ffn import reference_sparse_ffn
+from tests.kernels.ffn_weights import random_ffn
 
 
 def _layer(gen, rows, hidden=24, intermediate=96, out=20, rank=8, kind="drelu", bias=True, dtype=torch.float64):
-    def r(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
-
-    return dict(x=r(rows, hidden), gw=r(intermediate, hidden, scale=hidden**-0.5),
-                gb=r(intermediate, scale=0.1) if bias else None,
-                uw=r(intermediate, hidden, scale=hidden**-0.5) if kind != "relu_mlp" else None,
-                ub=r(intermediate, scale=0.1) if bias and kind != "relu_mlp" else None,
-                dw=r(out, intermediate, scale=intermediate**-0.5), db=r(out, scale=0.1) if bias else None,
-                p_in=r(rank, hidden, scale=hidden**-0.5), p_out=r(intermediate, rank, scale=rank**-0.5),
-                p_b=r(intermediate, scale=0.1) if bias else None)
+    return random_ffn(gen, rows, hidden, intermediate, out, dtype, bias=bias, kind=kind, rank=rank)
 
 
 def _both(w, kind, up_act, threshold, top_k):

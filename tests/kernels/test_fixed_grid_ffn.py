@@ -12,6 +12,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (pip inst
 from bamboo import kernels  # noqa: E402
 from bamboo.kernels import fixed_grid_ffn as fg  # noqa: E402
 from bamboo.ops.sparse_ffn import predictor_selection, reference_sparse_ffn  # noqa: E402
+from tests.kernels.ffn_weights import random_ffn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not __import__("os").environ.get("TRITON_INTERPRET"):
@@ -21,16 +22,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def make(rows, hidden, intermediate, out, dtype, gen, bias=False, kind="drelu", rank=8):
-    def r(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
-
-    return dict(x=r(rows, hidden), gw=r(intermediate, hidden, scale=hidden**-0.5),
-                gb=r(intermediate, scale=0.1) if bias else None,
-                uw=r(intermediate, hidden, scale=hidden**-0.5) if kind != "relu_mlp" else None,
-                ub=r(intermediate, scale=0.1) if bias and kind != "relu_mlp" else None,
-                dw=r(out, intermediate, scale=intermediate**-0.5), db=r(out, scale=0.1) if bias else None,
-                p_in=r(rank, hidden, scale=hidden**-0.5), p_out=r(intermediate, rank, scale=rank**-0.5),
-                p_b=r(intermediate, scale=0.1) if bias else None)
+    return random_ffn(gen, rows, hidden, intermediate, out, dtype, DEVICE, bias, kind, rank)
 
 
 def op_reference(w, kind, up_act, mode, threshold=0.0, top_k=0, dtype=None):
