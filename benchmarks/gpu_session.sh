@@ -6,8 +6,8 @@
 #   OUT=/some/dir bash benchmarks/gpu_session.sh e2e-core
 #
 # Steps (the minutes are estimates until a GPU session writes the measured ones into benchmarks/RESULTS.md):
-#   tests         every kernel, op, model/generation and AOTInductor test on the GPU (the kernel suite switches to
-#                 Bamboo-7B shapes there), then every gpu-marked test elsewhere                           (~5 min)
+#   tests         every kernel test on the GPU (at Bamboo-7B shapes there)                                 (~5 min)
+#   tests-rest    every op, model/generation and AOTInductor test on the GPU, then every gpu-marked test (~5 min)
 #   e2e-core      7B decode, batch 1: dense eager, dense torch.compile + CUDA graphs, predictor 15% cap k  (~6 min)
 #   e2e-more      7B decode, batch 1: exact, predictor ~15% threshold only (grids sized to every neuron)   (~5 min)
 #   e2e-fractions 7B decode, batch 1: predictor 10% and 25%, cap k                                          (~5 min)
@@ -18,6 +18,8 @@
 #   ort-part      keep the onnxruntime-gpu wheel part carried in .ortgpu/ in /tmp (one 60 MB part per call)
 #   ort           ONNX Runtime CUDA EP rows (benchmarks/onnxruntime_rows.py) once all parts are in /tmp  (~4 min)
 #
+# A 30-minute session fits about five commands: tests, e2e-core, kernel, e2e-more, e2e-fixed (each with ort-part
+# and the next wheel part carried, so that a sixth command can run ort); the rest in a later session.
 # Each e2e step writes its own JSON (rewritten after every row, so a step cut at a time limit keeps its rows);
 # join them here afterwards:
 #   python benchmarks/decode_e2e.py --merge e2e_core.json e2e_more.json ... --json benchmarks/results/decode_e2e.json \
@@ -46,7 +48,7 @@ if [ "${REHEARSE:-0}" = 1 ]; then
     export TRITON_INTERPRET=1
     nvidia-smi() { echo "rehearsal: no GPU"; }
 fi
-[ $# -gt 0 ] || { sed -n '2,20p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,24p' "$0"; exit 2; }
 
 facts() {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
@@ -62,9 +64,13 @@ e2e() {  # name, then decode_e2e.py arguments; 460 s at most so the command retu
 step() {
     local started=$SECONDS
     case "$1" in
-    tests)
+    tests)  # the kernel suite switches to Bamboo-7B shapes on a GPU
+        timeout 420 python -m pytest -q -p no:cacheprovider --timeout 240 -m "gpu or not slow" tests/kernels 2>&1 \
+            | tee "$OUT/gpu_tests_kernels.log" | tail -15
+        ;;
+    tests-rest)
         timeout 300 python -m pytest -q -p no:cacheprovider --timeout 240 -m "gpu or not slow" \
-            tests/kernels tests/ops tests/models tests/test_aoti.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+            tests/ops tests/models tests/test_aoti.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
         timeout 150 python -m pytest -q -p no:cacheprovider --timeout 120 -m gpu tests --ignore=tests/kernels \
             --ignore=tests/ops --ignore=tests/models --ignore=tests/test_aoti.py 2>&1 | tee "$OUT/gpu_tests_marked.log" | tail -8
         ;;
