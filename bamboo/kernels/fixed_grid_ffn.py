@@ -14,8 +14,10 @@ BAMBOO_FFN_KERNELS=fixed-grid until a GPU session has timed it against sparse_ff
                    call (the consumer resets its scratch, so no memset runs, and CUDA-graph replays find it
                    zeroed).
 
-The scratch (accumulator and tickets) belongs to the down weight: one per layer, allocated zeroed on the first
-call, reused after. Calls that share a down weight must not run concurrently on different streams.
+The scratch (accumulator and tickets) belongs to the layer (keyed by its gate weight): allocated zeroed on the
+layer's first call, which must come before any CUDA-graph capture, reused after. Calls of one layer must not run
+concurrently on two streams. fp32 atomics land in any order on a GPU: results may differ in the last bit between
+runs (the compacting kernels' deterministic variant is the bitwise-repeatable one).
 """
 from __future__ import annotations
 
@@ -151,30 +153,38 @@ def _down_kernel(h_ptr, dw_ptr, db_ptr, acc_ptr, ticket_ptr, y_ptr, M, I, H_out,
         tl.atomic_add(acc_tile, _dot(h, wd, IEEE, UPCAST), mask=out_mask, sem="relaxed")
     tl.debug_barrier()  # every thread's adds are issued before the ticket (whose acq_rel orders them)
     ticket = tl.atomic_add(ticket_ptr + pid_h, 1, sem="acq_rel")
-    if ticket == n_blocks - 1:  # the last program of this column tile: every add has landed
+    # the last program of this column tile: every add has landed (modulo: counts recover after a misuse, such as
+    # two calls of one layer overlapping on two streams, instead of never finishing a tile again)
+    if ticket % n_blocks == n_blocks - 1:
         total = tl.load(acc_tile, mask=out_mask, other=0.0, cache_modifier=".cg")
         if HAS_BIAS:
             total += tl.load(db_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_h[None, :], total.to(y_ptr.dtype.element_ty),
                  mask=out_mask)
         tl.store(acc_tile, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), mask=h_mask[None, :])
-        tl.atomic_xchg(ticket_ptr + pid_h, 0)
+        tl.atomic_add(ticket_ptr + pid_h, -n_blocks)
 
 
 class DownScratch:
-    """Per down weight: the fp32 accumulator [16, out] and one ticket per column tile, zero between calls."""
+    """Per layer: the fp32 accumulator [16, out] and one ticket per column tile, zero between calls. Keyed by the
+    gate weight, which a layer passes unchanged to every call (its down rows may be a cached copy in one call and
+    a transposed view in another, e.g. during CUDA-graph capture)."""
 
     _pool: dict = {}
 
     @classmethod
-    def for_weight(cls, down_rows: torch.Tensor, block_h: int):
-        out = down_rows.shape[1]
-        key = (down_rows.device, down_rows.untyped_storage().data_ptr(), down_rows.storage_offset(),
-               tuple(down_rows.shape), tuple(down_rows.stride()), block_h)
+    def for_layer(cls, gate_weight: torch.Tensor, out: int, block_h: int):
+        key = (gate_weight.device, gate_weight.untyped_storage().data_ptr(), gate_weight.storage_offset(),
+               tuple(gate_weight.shape), tuple(gate_weight.stride()), out, block_h)
         scratch = cls._pool.get(key)
         if scratch is None:
-            scratch = (torch.zeros(BLOCK_M, out, device=down_rows.device, dtype=torch.float32),
-                       torch.zeros(triton.cdiv(out, block_h), device=down_rows.device, dtype=torch.int32))
+            if gate_weight.is_cuda and torch.cuda.is_current_stream_capturing():
+                # memory taken inside a capture belongs to the graph's pool, which torch may hand to other graphs
+                raise RuntimeError("the fixed-grid sparse FFN kernels allocate their per-layer scratch on a layer's "
+                                   "first call: run the model once before capturing a CUDA graph (torch.compile's "
+                                   "mode='reduce-overhead' warms up first)")
+            scratch = (torch.zeros(BLOCK_M, out, device=gate_weight.device, dtype=torch.float32),
+                       torch.zeros(triton.cdiv(out, block_h), device=gate_weight.device, dtype=torch.int32))
             cls._pool[key] = scratch
         return scratch
 
@@ -220,7 +230,7 @@ def fixed_grid_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_ro
         HAS_UP_BIAS=up_bias is not None, UP_ACT=ACT_CODES[up_act], BLOCK_M=BLOCK_M, BLOCK_N=block_n,
         BLOCK_K=block_k, BLOCK_R=block_r, IEEE=ieee, UPCAST=upcast, P_IEEE=pw.dtype == torch.float32,
         P_UPCAST=_upcast(pw), num_warps=num_warps)
-    acc, tickets = DownScratch.for_weight(down_rows, block_h)
+    acc, tickets = DownScratch.for_layer(gate_weight, out, block_h)
     y = torch.empty(rows, out, device=device, dtype=x.dtype)
     n_blocks = triton.cdiv(intermediate, down_block_n)
     _down_kernel[(triton.cdiv(out, block_h), n_blocks)](

@@ -110,6 +110,7 @@ def test_cuda_calls_never_sync_and_capture_in_a_cuda_graph(no_triton, choice, dt
         finally:
             torch.cuda.set_sync_debug_mode("default")
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())  # the fixed-grid scratch is per layer: never overlap calls
         with torch.cuda.stream(stream):
             _op(w, mode, top_k)
             with torch.cuda.graph(graph):

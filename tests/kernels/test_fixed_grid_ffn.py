@@ -247,6 +247,7 @@ def test_cuda_graph_replays_reuse_the_scratch():
 
     expected = step()
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # one layer's calls share its scratch: never overlap them
     with torch.cuda.stream(stream):
         step()
         with torch.cuda.graph(graph):
@@ -255,3 +256,15 @@ def test_cuda_graph_replays_reuse_the_scratch():
         graph.replay()
         torch.cuda.synchronize()
         assert rel(out, expected.double().cpu()) < 1e-2 and scratch_is_zero()
+
+
+def test_a_layer_keeps_one_scratch_whatever_layout_its_down_rows_come_in(monkeypatch):
+    """Keyed by the gate weight: a cached neuron-major copy in one call and a transposed view in the next (what a
+    CUDA-graph capture passes) must find the scratch the warm-up made, not allocate inside the capture."""
+    gen = torch.Generator().manual_seed(17)
+    w = make(2, 40, 70, 36, torch.float32, gen)
+    monkeypatch.setattr(fg.DownScratch, "_pool", {})  # a freed weight's address may come back with its key
+    first = run(w)
+    again = fg.fixed_grid_sparse_ffn(w["x"], w["gw"], None, w["uw"], None, w["dw"].t().contiguous(), None, "relu")
+    assert len(fg.DownScratch._pool) == 1
+    assert rel(again, first.double().cpu()) < TOL[torch.float32] and scratch_is_zero()
