@@ -27,16 +27,18 @@ def sparse_ffn_cuda(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, 
             gate_weight, predictor_in, predictor_out, predictor_bias, threshold, top_k, predictor_table)
     x2 = x.reshape(-1, x.shape[-1])
     act = "identity" if kind == "relu_mlp" else up_act
-    down_rows = down_weight_nm if down_weight_nm is not None else neuron_major_rows(down_weight)
     path = cuda_path(x2, mode, act)
     if path == "dense":  # no data-dependent shapes: the reference's dense mode is plain matmuls
         return reference_sparse_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_weight_nm,
                                     down_bias, kind=kind, mode="dense", up_act=up_act)
-    if path == "masked":
-        y = masked_predictor_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down_rows, down_bias, predictor_in,
+    if path == "masked":  # dense matmuls: the weight as it is, no neuron-major copy
+        down = down_weight_nm if down_weight_nm is not None else down_weight.t()
+        y = masked_predictor_ffn(x2, gate_weight, gate_bias, up_weight, up_bias, down, down_bias, predictor_in,
                                  predictor_out, predictor_bias, kind, up_act, threshold, top_k)
         return y.reshape(*x.shape[:-1], y.shape[-1])
     from bamboo.kernels.sparse_ffn_triton import triton_sparse_ffn
+
+    down_rows = down_weight_nm if down_weight_nm is not None else neuron_major_rows(down_weight)
 
     if mode == "exact" and kernels.ffn_kernels() == "fixed-grid":
         from bamboo.kernels.fixed_grid_ffn import fixed_grid_sparse_ffn
