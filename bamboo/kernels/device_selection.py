@@ -10,10 +10,10 @@ the score's fp32 bits made order-preserving in the high half and the reversed in
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from bamboo.ops.sparse_ffn import best_of_rows
 
 _INT64_MIN = torch.iinfo(torch.int64).min
 
@@ -31,7 +31,7 @@ def ordered_keys(best: Tensor) -> Tensor:
 def top_k_by_score(scores: Tensor, threshold: float, k: int) -> tuple[Tensor, Tensor]:
     """(ids int32 [min(k, n)], count int32 [1]) from fp32 scores [rows, n]: the first `count` ids are the
     reference's selection (best score first); the rest are padding the kernels never read."""
-    best = torch.nan_to_num(scores.float().amax(0), nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    best = best_of_rows(scores)
     over = best > threshold  # a Python float against an fp32 tensor: compared in fp32, as the reference does
     keys = torch.where(over, ordered_keys(best), torch.full_like(best, _INT64_MIN, dtype=torch.int64))
     ids = keys.topk(min(k, best.numel()), sorted=True).indices.to(torch.int32)
@@ -47,5 +47,4 @@ def selection_mask(scores: Tensor, threshold: float, k: int) -> Tensor:
         valid = torch.arange(ids.numel(), device=ids.device) < count
         mask = torch.zeros(scores.shape[-1], device=scores.device, dtype=torch.bool)
         return mask.index_put_((ids.long(),), valid)  # topk's ids are distinct: no write races
-    best = torch.nan_to_num(scores.float().amax(0), nan=math.inf, posinf=math.inf, neginf=-math.inf)
-    return best > threshold
+    return best_of_rows(scores) > threshold

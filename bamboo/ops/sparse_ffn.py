@@ -163,10 +163,15 @@ def predictor_scores(x2, predictor_in, predictor_out, predictor_bias) -> Tensor:
     return scores + predictor_bias.float() if predictor_bias is not None else scores
 
 
+def best_of_rows(scores: Tensor) -> Tensor:
+    """[rows, n] scores -> each neuron's largest over the rows in fp32, NaN counted as +inf (a NaN input must
+    select, not drop)."""
+    return torch.nan_to_num(scores.float().amax(0), nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+
+
 def best_scores(x2, predictor_in, predictor_out, predictor_bias) -> Tensor:
-    """Each neuron's largest score over the rows, NaN counted as +inf (a NaN input must select, not drop)."""
-    best = predictor_scores(x2, predictor_in, predictor_out, predictor_bias).amax(0)
-    return torch.nan_to_num(best, nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    """Each neuron's largest score over the rows, NaN counted as +inf."""
+    return best_of_rows(predictor_scores(x2, predictor_in, predictor_out, predictor_bias))
 
 
 def predictor_selection(x2, predictor_in, predictor_out, predictor_bias, threshold: float, top_k: int) -> Tensor:
