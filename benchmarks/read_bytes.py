@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bamboo.ops.sparse_ffn import exact_active, predictor_selection
+from benchmarks.common import predictor_bytes
 
 
 @dataclass
@@ -92,9 +93,9 @@ def ffn_reads(inputs: dict[str, FFNInput], mode: str, backend: str = "triton", p
             intermediate = gate.shape[0]
             total += (rows[0] * gate.shape[1] * gate.element_size() + rows[1] * up.shape[1] * up.element_size()
                       + rows[2] * down.shape[0] * down.element_size())
-            if predictor is not None:
-                total += sum(t.numel() * t.element_size() for t in (predictor.w_in, predictor.w_out, predictor.bias))
             sums = [s + r for s, r in zip(sums, rows)]
+    if mode == "predictor":  # each layer's predictor is read whole
+        total += predictor_bytes({name: predictors[name] for name in inputs})
     n = max(len(inputs), 1)
     return FFNReads(total, sums[0] / n, sums[1] / n, sums[2] / n, intermediate)
 
