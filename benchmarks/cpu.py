@@ -130,13 +130,12 @@ def sparse_share(compiled) -> float:
 
 def decode_rows(label, model, fractions, prompt_len, new, repeats, bandwidth, rank):
     from benchmarks.decode_e2e import release
-    from benchmarks.read_bytes import exact_active_fraction
+    from benchmarks.read_bytes import exact_active_fraction, outside_ffn_bytes
 
     config = model.config
     prompt = torch.randint(3, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
-    all_bytes, ffn_bytes = weight_bytes(model)
-    all_bytes -= config.vocab_size * config.hidden_size * next(model.parameters()).element_size() * (
-        0 if config.tie_word_embeddings else 1)  # the embedding: one row per token, not the table
+    ffn_bytes = weight_bytes(model)[1]
+    all_bytes = outside_ffn_bytes(model) + ffn_bytes  # no input embedding: one row per token, not the table
     rows = []
 
     def record(variant, seconds, nbytes, note=""):
