@@ -24,6 +24,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +38,11 @@ from benchmarks.common import (  # noqa: E402
     ffn_modules,
     forced_k_predictors,
     median_host_ms,
-    predictor_bytes,
     print_table,
     randomize,
-    weight_bytes,
     write_json,
 )
+from benchmarks.read_bytes import ffn_inputs, ffn_reads, layer_rows, outside_ffn_bytes  # noqa: E402
 
 OP = torch.ops.bamboo.sparse_ffn.default
 LAYER_VARIANTS = ["dense", "exact", "predictor 10%", "predictor 15%", "predictor 25%", "torch reference exact"]
@@ -63,7 +63,7 @@ def read_bandwidth(mib: int, reps: int) -> float:
     return a.numel() * 4 / (ms / 1e3)
 
 
-def layer_rows(hidden, intermediate, rank, dtype, fractions, reps, bandwidth):
+def ffn_layer_rows(hidden, intermediate, rank, dtype, fractions, reps, bandwidth):
     gen = torch.Generator().manual_seed(0)
 
     def r(*shape):
@@ -71,29 +71,33 @@ def layer_rows(hidden, intermediate, rank, dtype, fractions, reps, bandwidth):
 
     x, gw, uw, dw = r(1, hidden), r(intermediate, hidden), r(intermediate, hidden), r(hidden, intermediate)
     p_in, p_out = r(rank, hidden), r(intermediate, rank)
-    elt = x.element_size()
-    matrix = hidden * intermediate * elt
-    row = hidden * elt
-    gate_pre = F.linear(x, gw)
-    gate_share = ((gate_pre > 0) | gate_pre.isnan()).float().mean().item()
-    product_share = ((gate_pre > 0) & (F.linear(x, uw) > 0)).float().mean().item()
-    crossover = cpu_crossover.crossover(dtype, 1, 3 * matrix)
+    row = hidden * x.element_size()
+    crossover = cpu_crossover.crossover(dtype, 1, 3 * intermediate * row)
 
     def op(mode, k=0):
         return lambda: OP(x, gw, None, uw, None, dw, None, None, p_in, p_out, None, "drelu", mode, "relu",
                           -math.inf, k)
 
+    def reads(mode, k=0):
+        """(bytes, note) of the rows the CPU kernel reads: it skips the down rows whose h is 0, as the Triton one."""
+        predictor = SimpleNamespace(w_in=p_in, w_out=p_out, bias=None, threshold=-math.inf, top_k=k)
+        gate, up, down = layer_rows(x, gw, uw, mode, predictor=predictor)
+        nbytes = (gate + up + down) * row + (p_in.numel() + p_out.numel()) * x.element_size() * (mode == "predictor")
+        return nbytes, f"rows read: gate {gate / intermediate:.0%}, up {up / intermediate:.0%}, down {down / intermediate:.0%}"
+
     out = []
     dense_ms = median_host_ms(lambda: F.linear(F.relu(F.linear(x, gw)) * F.relu(F.linear(x, uw)), dw), reps)
-    variants = [("dense", lambda: None, 3 * matrix, 1.0, "F.linear x3")]
-    variants.append(("exact", op("exact"), matrix + (gate_share + product_share) * intermediate * row, product_share,
-                     f"gate {gate_share:.0%} active; up rows of those, down rows of the {product_share:.0%} nonzero"))
+    variants = [("dense", lambda: None, 3 * intermediate * row, 1.0, "F.linear x3")]
+    exact_bytes, exact_note = reads("exact")
+    product_share = ((F.linear(x, gw) > 0) & (F.linear(x, uw) > 0)).float().mean().item()
+    variants.append(("exact", op("exact"), exact_bytes, product_share, exact_note))
     for f in fractions:
         k = round(f * intermediate)
-        variants.append((f"predictor {f:.0%}", op("predictor", k), 3 * k * row + (rank * hidden + intermediate * rank) * elt,
-                         f, f"forced k = {k}, rank-{rank} predictor"))
+        nbytes, note = reads("predictor", k)
+        variants.append((f"predictor {f:.0%}", op("predictor", k), nbytes, f, f"forced k = {k}, rank-{rank} predictor; "
+                         + note))
     variants.append(("torch reference exact", lambda: reference_sparse_ffn(x, gw, None, uw, None, dw, None, None),
-                     variants[1][2], product_share, "index_select copies, then matmul (the CPU path before this kernel)"))
+                     exact_bytes, product_share, "index_select copies, then matmul (the CPU path before this kernel)"))
     for name, fn, nbytes, share, note in variants:
         ms = dense_ms if name == "dense" else median_host_ms(fn, max(3, reps // 3) if "reference" in name else reps)
         floor = nbytes / bandwidth * 1e3
@@ -120,22 +124,31 @@ def decode_best(model, prompt, new_tokens, repeats):
     return (full - short) / (new_tokens - 1)
 
 
-def sparse_share(compiled) -> float:
-    """The share of the FFN sites bamboo.compile rewrote (the rest it left dense: on this CPU the sparse op cannot
-    beat the dense FFN at their size), so that a row says what ran and is floored by what it read."""
-    report = compiled.bamboo_report.sites
-    kept = sum("left dense" in r.reason for r in report.rejected)
-    return len(report) / max(len(report) + kept, 1)
+def step_ffn_reads(compiled, inputs, mode, predictors=None) -> tuple[int, str]:
+    """(bytes, note) the FFNs read at one decode step: the sites bamboo.compile rewrote as the CPU kernel reads
+    them (as the Triton kernel: read_bytes), the rest whole, since it left them dense (on this CPU the sparse op
+    cannot beat the dense FFN at their size) or did not rewrite them; the note says which ran."""
+    rewritten = {site.name for site in compiled.bamboo_report.sites}
+    sparse = {name: item for name, item in inputs.items() if name in rewritten}
+    dense = {name: item for name, item in inputs.items() if name not in rewritten}
+    nbytes = ffn_reads(dense, "dense").bytes
+    notes = []
+    if sparse:
+        reads = ffn_reads(sparse, mode, predictors=predictors)
+        nbytes += reads.bytes
+        notes.append(reads.describe() + " (last prompt token)")
+    if dense:
+        notes.append(f"{len(dense) / len(inputs):.0%} of FFNs left dense by compile (crossover too low here)")
+    return nbytes, "; ".join(notes)
 
 
 def decode_rows(label, model, fractions, prompt_len, new, repeats, bandwidth, rank):
     from benchmarks.decode_e2e import release
-    from benchmarks.read_bytes import exact_active_fraction, outside_ffn_bytes
 
     config = model.config
     prompt = torch.randint(3, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
-    ffn_bytes = weight_bytes(model)[1]
-    all_bytes = outside_ffn_bytes(model) + ffn_bytes  # no input embedding: one row per token, not the table
+    inputs = ffn_inputs(model, prompt)  # the prompt's last token stands for a decode step's FFN inputs
+    outside = outside_ffn_bytes(model)  # no input embedding: one row per token, not the table
     rows = []
 
     def record(variant, seconds, nbytes, note=""):
@@ -147,29 +160,23 @@ def decode_rows(label, model, fractions, prompt_len, new, repeats, bandwidth, ra
 
     with torch.no_grad():
         dense_first = decode_best(model, prompt, new, repeats)
-        active = exact_active_fraction(model, prompt)
         compiled = bamboo.compile(model, sparsity="exact", dynamic=False, backend="eager")
         exact = decode_best(compiled, prompt, new, repeats)
-        exact_share = sparse_share(compiled)
+        exact_reads = step_ffn_reads(compiled, inputs, "exact")
         release(compiled)
         predicted = []
         for f in fractions:
             predictors = forced_k_predictors(ffn_modules(model), f, rank=rank)
             compiled = bamboo.compile(model, sparsity="predictor", predictors=predictors, dynamic=False, backend="eager")
-            predicted.append((f, decode_best(compiled, prompt, new, repeats), predictor_bytes(predictors),
-                              sparse_share(compiled)))
+            predicted.append((f, decode_best(compiled, prompt, new, repeats),
+                              step_ffn_reads(compiled, inputs, "predictor", predictors)))
             release(compiled)
         # dense again at the end: the better of the two, so a burst of load during one cannot flatter the sparse rows
-        record("dense eager", min(dense_first, decode_best(model, prompt, new, repeats)), all_bytes,
-               "best of a run before and a run after the sparse rows")
-        def ran(share):
-            return "" if share == 1 else f"; {1 - share:.0%} of FFNs left dense by compile (crossover too low here)"
-
-        record("exact", exact, all_bytes - exact_share * ffn_bytes * (2 / 3) * (1 - active),
-               f"{active:.0%} of neurons with a nonzero product (last prompt token); gate read whole" + ran(exact_share))
-        for f, seconds, pred_bytes, share in predicted:
-            record(f"predictor {f:.0%}", seconds, all_bytes - share * (ffn_bytes * (1 - f) - pred_bytes),
-                   f"forced k, rank-{rank} predictors" + ran(share))
+        record("dense eager", min(dense_first, decode_best(model, prompt, new, repeats)),
+               outside + ffn_reads(inputs, "dense").bytes, "best of a run before and a run after the sparse rows")
+        record("exact", exact, outside + exact_reads[0], exact_reads[1])
+        for f, seconds, (nbytes, note) in predicted:
+            record(f"predictor {f:.0%}", seconds, outside + nbytes, f"forced k, rank-{rank} predictors; {note}")
     return rows
 
 
@@ -200,7 +207,7 @@ def main():
           f"{bandwidth / 1e9:.1f} GB/s", flush=True)
     rows = []
     for name in args.dtypes:
-        rows += layer_rows(hidden, intermediate, rank, getattr(torch, name), args.fractions, args.reps, bandwidth)
+        rows += ffn_layer_rows(hidden, intermediate, rank, getattr(torch, name), args.fractions, args.reps, bandwidth)
         print(f"  ffn layer {name}: " + ", ".join(f"{r['variant']} {r['ms']:.2f} ms" for r in rows if r["dtype"] == name),
               flush=True)
     one_b = BambooConfig.named("bamboo-7b", hidden_size=2048, intermediate_size=5632, num_attention_heads=32,

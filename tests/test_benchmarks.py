@@ -85,8 +85,42 @@ def test_cpu_benchmark_smoke_run_writes_every_row(tmp_path, monkeypatch):
     assert decode == ["dense eager", "exact", "predictor 15%"]
     for r in data["rows"]:
         assert r["ms"] > 0 and r["vs_dense"] > 0 and r["floor_share"] > 0 and r["bytes"] > 0
+    rows = {(r["part"], r.get("dtype"), r["variant"]): r for r in data["rows"]}
+    row_bytes, k = 64 * 2, round(0.15 * 224)  # smoke layer: hidden 64, intermediate 224; bf16
+    dense, exact, predictor = (rows[("ffn layer", "bfloat16", v)] for v in ("dense", "exact", "predictor 15%"))
+    assert dense["bytes"] == 3 * 224 * row_bytes and exact["bytes"] < dense["bytes"]
+    # the kernel skips the down rows whose h is 0: a random predictor's picks are mostly inactive ones
+    assert 2 * k * row_bytes < predictor["bytes"] - (16 * 64 + 224 * 16) * 2 < 3 * k * row_bytes
+    decode = {r["variant"]: r for r in data["rows"] if r["part"] != "ffn layer"}
+    assert decode["exact"]["bytes"] < decode["dense eager"]["bytes"] and "rows read" in decode["exact"]["note"]
     assert data["read_bandwidth_bytes_per_s"] > 0 and data["smoke"] is True and data["command"].startswith("python")
     assert {"cpu", "cores", "torch", "load_average", "kernel_built"} <= set(data["facts"])
+
+
+def test_cpu_decode_floor_reads_rewritten_sites_sparse_and_the_rest_whole():
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.common import ffn_modules, forced_k_predictors
+    from benchmarks.cpu import step_ffn_reads
+    from benchmarks.read_bytes import ffn_inputs, ffn_reads
+
+    model = _tiny_model()
+    inputs = ffn_inputs(model, torch.randint(3, 1000, (1, 6), generator=torch.Generator().manual_seed(1)))
+    sparse_names = ["model.layers.1.mlp", "model.layers.3.mlp"]
+    compiled = SimpleNamespace(bamboo_report=SimpleNamespace(sites=[SimpleNamespace(name=n) for n in sparse_names]))
+    sparse = {n: inputs[n] for n in sparse_names}
+    dense = {n: i for n, i in inputs.items() if n not in sparse_names}
+    nbytes, note = step_ffn_reads(compiled, inputs, "exact")
+    assert nbytes == ffn_reads(sparse, "exact").bytes + ffn_reads(dense, "dense").bytes
+    assert nbytes < ffn_reads(inputs, "dense").bytes and "50% of FFNs left dense" in note
+    predictors = forced_k_predictors(ffn_modules(model), 0.15, rank=16)
+    nbytes, note = step_ffn_reads(compiled, inputs, "predictor", predictors)
+    assert nbytes == ffn_reads(sparse, "predictor", predictors=predictors).bytes + ffn_reads(dense, "dense").bytes
+    none_rewritten = SimpleNamespace(bamboo_report=SimpleNamespace(sites=[]))
+    assert step_ffn_reads(none_rewritten, inputs, "exact") == (ffn_reads(inputs, "dense").bytes,
+                                                               "100% of FFNs left dense by compile (crossover too low here)")
 
 
 def _tiny_model(tie=False):
