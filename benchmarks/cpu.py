@@ -7,13 +7,15 @@ Part 1, one layer (hidden 4096, intermediate 14336, 1 row, random weights), bf16
 `torch.ops.bamboo.sparse_ffn` in exact mode and in predictor mode at 10/15/25% of neurons (a random rank-256
 predictor, threshold -inf and a cap k: "forced k"), and the torch reference (index_select copies, then matmul:
 what the op ran on a CPU before its kernel). Medians of `--reps` calls.
-Part 2, decode tok/s at batch 1 (prefill excluded; the best of --repeats; dense timed before and after the
-sparse rows), dense eager vs `bamboo.compile(backend="eager")` in exact and predictor (forced k) mode: a ~1B
-Bamboo-shaped model (hidden 2048, intermediate 5632, 32 heads / 4 KV heads, random bf16 weights, `--layers` of its
-22 layers) and austen-small (trained, bf16).
+Part 2, decode tok/s at batch 1 (prefill excluded; the best of --repeats generates), dense eager vs
+`bamboo.compile(backend="eager")` in exact and predictor (forced k) mode: a ~1B Bamboo-shaped model (hidden 2048,
+intermediate 5632, 32 heads / 4 KV heads, random bf16 weights, `--layers` of its 22 layers) and austen-small
+(trained, bf16). Every variant is compiled first, then timed once per round over --rounds interleaved rounds; each
+row is the median, its speed against the same round's dense, so that load from other work falls on all alike.
 The machine's read bandwidth (a large fp32 sum) is measured in the same run; each row's floor is the bytes it
-really reads over that bandwidth. The load average before and after is recorded: other work on the machine
-slows everything.
+really reads over that bandwidth (benchmarks/read_bytes.py: the rows the kernel reads for each layer's real input;
+an FFN that compile left dense is read whole). The load average before and after is recorded: other work on the
+machine slows everything.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import argparse
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -128,6 +131,8 @@ def step_ffn_reads(compiled, inputs, mode, predictors=None) -> tuple[int, str]:
     """(bytes, note) the FFNs read at one decode step: the sites bamboo.compile rewrote as the CPU kernel reads
     them (as the Triton kernel: read_bytes), the rest whole, since it left them dense (on this CPU the sparse op
     cannot beat the dense FFN at their size) or did not rewrite them; the note says which ran."""
+    if not compiled.bamboo_report.graphs:  # bamboo.compile rewrites at the first call: nothing to read yet
+        raise RuntimeError("step_ffn_reads: run the compiled model first; its report is still empty")
     rewritten = {site.name for site in compiled.bamboo_report.sites}
     sparse = {name: item for name, item in inputs.items() if name in rewritten}
     dense = {name: item for name, item in inputs.items() if name not in rewritten}
@@ -142,41 +147,44 @@ def step_ffn_reads(compiled, inputs, mode, predictors=None) -> tuple[int, str]:
     return nbytes, "; ".join(notes)
 
 
-def decode_rows(label, model, fractions, prompt_len, new, repeats, bandwidth, rank):
+def decode_rows(label, model, fractions, prompt_len, new, repeats, bandwidth, rank, rounds):
+    """Dense eager, exact and predictor decode, all compiled first and then timed in `rounds` interleaved rounds
+    (each variant once per round): a burst of other work on a shared machine then lands on every variant alike,
+    and each row gives the median over rounds of its speed against the same round's dense."""
     from benchmarks.decode_e2e import release
 
     config = model.config
     prompt = torch.randint(3, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
     inputs = ffn_inputs(model, prompt)  # the prompt's last token stands for a decode step's FFN inputs
     outside = outside_ffn_bytes(model)  # no input embedding: one row per token, not the table
-    rows = []
-
-    def record(variant, seconds, nbytes, note=""):
-        tok_s = 1 / seconds
-        floor = bandwidth / nbytes
-        rows.append(dict(part=label, variant=variant, ms=seconds * 1e3, tok_s=tok_s, bytes=nbytes, floor_tok_s=floor,
-                         floor_share=tok_s / floor, vs_dense=tok_s / rows[0]["tok_s"] if rows else 1.0, note=note))
-        print(f"  {label}: {variant}: {seconds * 1e3:.1f} ms/token, {tok_s:.1f} tok/s", flush=True)
-
     with torch.no_grad():
-        dense_first = decode_best(model, prompt, new, repeats)
-        compiled = bamboo.compile(model, sparsity="exact", dynamic=False, backend="eager")
-        exact = decode_best(compiled, prompt, new, repeats)
-        exact_reads = step_ffn_reads(compiled, inputs, "exact")
-        release(compiled)
-        predicted = []
+        # (name, runner, mode, predictors); bytes are counted after the runs: compile rewrites at the first call
+        variants = [("dense eager", model, "dense", None),
+                    ("exact", bamboo.compile(model, sparsity="exact", dynamic=False, backend="eager"), "exact", None)]
         for f in fractions:
             predictors = forced_k_predictors(ffn_modules(model), f, rank=rank)
-            compiled = bamboo.compile(model, sparsity="predictor", predictors=predictors, dynamic=False, backend="eager")
-            predicted.append((f, decode_best(compiled, prompt, new, repeats),
-                              step_ffn_reads(compiled, inputs, "predictor", predictors)))
-            release(compiled)
-        # dense again at the end: the better of the two, so a burst of load during one cannot flatter the sparse rows
-        record("dense eager", min(dense_first, decode_best(model, prompt, new, repeats)),
-               outside + ffn_reads(inputs, "dense").bytes, "best of a run before and a run after the sparse rows")
-        record("exact", exact, outside + exact_reads[0], exact_reads[1])
-        for f, seconds, (nbytes, note) in predicted:
-            record(f"predictor {f:.0%}", seconds, outside + nbytes, f"forced k, rank-{rank} predictors; {note}")
+            variants.append((f"predictor {f:.0%}", bamboo.compile(model, sparsity="predictor", predictors=predictors,
+                                                                  dynamic=False, backend="eager"), "predictor", predictors))
+        seconds = {name: [] for name, *_ in variants}
+        for _ in range(rounds):
+            for name, runner, *_ in variants:
+                seconds[name].append(decode_best(runner, prompt, new, repeats))
+        reads = {name: (ffn_reads(inputs, "dense").bytes, "") if mode == "dense" else
+                 step_ffn_reads(runner, inputs, mode, predictors) for name, runner, mode, predictors in variants}
+        release(variants)
+    rows, dense = [], seconds["dense eager"]
+    for name, (nbytes, note) in reads.items():
+        nbytes += outside
+        if name.startswith("predictor"):
+            note = f"forced k, rank-{rank} predictors; {note}"
+        tok_s = 1 / statistics.median(seconds[name])
+        vs_dense = statistics.median(d / s for d, s in zip(dense, seconds[name]))
+        floor = bandwidth / nbytes
+        rounds_note = f"median of {rounds} interleaved rounds"
+        rows.append(dict(part=label, variant=name, ms=1e3 / tok_s, tok_s=tok_s, bytes=nbytes, floor_tok_s=floor,
+                         floor_share=tok_s / floor, vs_dense=vs_dense, round_ms=[t * 1e3 for t in seconds[name]],
+                         note=f"{note}; {rounds_note}" if note else rounds_note))
+        print(f"  {label}: {name}: {1e3 / tok_s:.1f} ms/token, {tok_s:.1f} tok/s, {vs_dense:.2f}x dense", flush=True)
     return rows
 
 
@@ -189,6 +197,7 @@ def main():
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the decode variants")
     parser.add_argument("--json", default="benchmarks/results/cpu.json")
     parser.add_argument("--plot", default="benchmarks/results/cpu.png")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's, the cores)")
@@ -200,7 +209,7 @@ def main():
         torch.set_num_threads(args.threads)
     hidden, intermediate, rank = (64, 224, 16) if args.smoke else (4096, 14336, 256)
     if args.smoke:
-        args.reps, args.layers, args.new, args.repeats, args.prompt = 2, 2, 4, 1, 8
+        args.reps, args.layers, args.new, args.repeats, args.prompt, args.rounds = 2, 2, 4, 1, 8, 1
     facts = machine_facts()
     bandwidth = read_bandwidth(16 if args.smoke else 1024, 3 if args.smoke else 9)
     print(f"{facts['cpu']}, {facts['cores']} cores, load {facts['load_average']}; read bandwidth "
@@ -219,12 +228,12 @@ def main():
         model.reset_non_persistent_buffers(torch.device("cpu"))
         label = "tiny model (smoke)" if args.smoke else f"~1B Bamboo shapes, {args.layers} of 22 layers"
         rows += decode_rows(label, model, args.fractions, args.prompt, args.new, args.repeats, bandwidth,
-                            rank=min(256, one_b.hidden_size // 4))
+                            rank=min(256, one_b.hidden_size // 4), rounds=args.rounds)
         del model
     if "austen-small" in args.models:
         small = BambooForCausalLM.from_pretrained(pretrained_path("austen-small"), dtype=torch.bfloat16).eval()
         rows += decode_rows("austen-small (trained)", small, args.fractions, args.prompt, args.new, args.repeats,
-                            bandwidth, rank=small.config.hidden_size // 4)
+                            bandwidth, rank=small.config.hidden_size // 4, rounds=args.rounds)
     facts["load_average_after"] = os.getloadavg()
     table = []
     for r in rows:

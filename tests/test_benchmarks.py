@@ -93,6 +93,7 @@ def test_cpu_benchmark_smoke_run_writes_every_row(tmp_path, monkeypatch):
     assert 2 * k * row_bytes < predictor["bytes"] - (16 * 64 + 224 * 16) * 2 < 3 * k * row_bytes
     decode = {r["variant"]: r for r in data["rows"] if r["part"] != "ffn layer"}
     assert decode["exact"]["bytes"] < decode["dense eager"]["bytes"] and "rows read" in decode["exact"]["note"]
+    assert decode["dense eager"]["vs_dense"] == 1.0 and all(len(r["round_ms"]) == 1 for r in decode.values())
     assert data["read_bandwidth_bytes_per_s"] > 0 and data["smoke"] is True and data["command"].startswith("python")
     assert {"cpu", "cores", "torch", "load_average", "kernel_built"} <= set(data["facts"])
 
@@ -109,7 +110,7 @@ def test_cpu_decode_floor_reads_rewritten_sites_sparse_and_the_rest_whole():
     model = _tiny_model()
     inputs = ffn_inputs(model, torch.randint(3, 1000, (1, 6), generator=torch.Generator().manual_seed(1)))
     sparse_names = ["model.layers.1.mlp", "model.layers.3.mlp"]
-    compiled = SimpleNamespace(bamboo_report=SimpleNamespace(sites=[SimpleNamespace(name=n) for n in sparse_names]))
+    compiled = SimpleNamespace(bamboo_report=SimpleNamespace(graphs=[{}], sites=[SimpleNamespace(name=n) for n in sparse_names]))
     sparse = {n: inputs[n] for n in sparse_names}
     dense = {n: i for n, i in inputs.items() if n not in sparse_names}
     nbytes, note = step_ffn_reads(compiled, inputs, "exact")
@@ -118,7 +119,9 @@ def test_cpu_decode_floor_reads_rewritten_sites_sparse_and_the_rest_whole():
     predictors = forced_k_predictors(ffn_modules(model), 0.15, rank=16)
     nbytes, note = step_ffn_reads(compiled, inputs, "predictor", predictors)
     assert nbytes == ffn_reads(sparse, "predictor", predictors=predictors).bytes + ffn_reads(dense, "dense").bytes
-    none_rewritten = SimpleNamespace(bamboo_report=SimpleNamespace(sites=[]))
+    none_rewritten = SimpleNamespace(bamboo_report=SimpleNamespace(graphs=[{}], sites=[]))
+    with pytest.raises(RuntimeError, match="run the compiled model first"):
+        step_ffn_reads(SimpleNamespace(bamboo_report=SimpleNamespace(graphs=[], sites=[])), inputs, "exact")
     assert step_ffn_reads(none_rewritten, inputs, "exact") == (ffn_reads(inputs, "dense").bytes,
                                                                "100% of FFNs left dense by compile (crossover too low here)")
 
