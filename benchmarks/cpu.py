@@ -142,8 +142,12 @@ def step_ffn_reads(compiled, inputs, mode, predictors=None) -> tuple[int, str]:
         reads = ffn_reads(sparse, mode, predictors=predictors)
         nbytes += reads.bytes
         notes.append(reads.describe() + " (last prompt token)")
-    if dense:
-        notes.append(f"{len(dense) / len(inputs):.0%} of FFNs left dense by compile (crossover too low here)")
+    crossover = {r.module for r in compiled.bamboo_report.sites.rejected if "left dense" in r.reason}
+    if dense.keys() & crossover:
+        notes.append(f"{len(dense.keys() & crossover) / len(inputs):.0%} of FFNs left dense by compile (crossover too "
+                     "low here)")
+    if dense.keys() - crossover:
+        notes.append(f"{len(dense.keys() - crossover) / len(inputs):.0%} of FFNs not rewritten (see bamboo_report)")
     return nbytes, "; ".join(notes)
 
 

@@ -103,6 +103,7 @@ def test_cpu_decode_floor_reads_rewritten_sites_sparse_and_the_rest_whole():
 
     import torch
 
+    from bamboo.graph.site_table import SiteTable
     from benchmarks.common import ffn_modules, forced_k_predictors
     from benchmarks.cpu import step_ffn_reads
     from benchmarks.read_bytes import ffn_inputs, ffn_reads
@@ -110,20 +111,25 @@ def test_cpu_decode_floor_reads_rewritten_sites_sparse_and_the_rest_whole():
     model = _tiny_model()
     inputs = ffn_inputs(model, torch.randint(3, 1000, (1, 6), generator=torch.Generator().manual_seed(1)))
     sparse_names = ["model.layers.1.mlp", "model.layers.3.mlp"]
-    compiled = SimpleNamespace(bamboo_report=SimpleNamespace(graphs=[{}], sites=[SimpleNamespace(name=n) for n in sparse_names]))
+
+    def compiled(rewritten, crossover_refused=(), graphs=({},)):
+        rejected = [SimpleNamespace(module=n, reason="left dense: on this CPU ...") for n in crossover_refused]
+        sites = [SimpleNamespace(name=n) for n in rewritten]
+        return SimpleNamespace(bamboo_report=SimpleNamespace(graphs=list(graphs), sites=SiteTable(sites, rejected)))
+
     sparse = {n: inputs[n] for n in sparse_names}
     dense = {n: i for n, i in inputs.items() if n not in sparse_names}
-    nbytes, note = step_ffn_reads(compiled, inputs, "exact")
+    nbytes, note = step_ffn_reads(compiled(sparse_names, ["model.layers.0.mlp"]), inputs, "exact")
     assert nbytes == ffn_reads(sparse, "exact").bytes + ffn_reads(dense, "dense").bytes
-    assert nbytes < ffn_reads(inputs, "dense").bytes and "50% of FFNs left dense" in note
+    assert nbytes < ffn_reads(inputs, "dense").bytes
+    assert "25% of FFNs left dense by compile" in note and "25% of FFNs not rewritten (see bamboo_report)" in note
     predictors = forced_k_predictors(ffn_modules(model), 0.15, rank=16)
-    nbytes, note = step_ffn_reads(compiled, inputs, "predictor", predictors)
+    nbytes, note = step_ffn_reads(compiled(sparse_names), inputs, "predictor", predictors)
     assert nbytes == ffn_reads(sparse, "predictor", predictors=predictors).bytes + ffn_reads(dense, "dense").bytes
-    none_rewritten = SimpleNamespace(bamboo_report=SimpleNamespace(graphs=[{}], sites=[]))
     with pytest.raises(RuntimeError, match="run the compiled model first"):
-        step_ffn_reads(SimpleNamespace(bamboo_report=SimpleNamespace(graphs=[], sites=[])), inputs, "exact")
-    assert step_ffn_reads(none_rewritten, inputs, "exact") == (ffn_reads(inputs, "dense").bytes,
-                                                               "100% of FFNs left dense by compile (crossover too low here)")
+        step_ffn_reads(compiled([], graphs=()), inputs, "exact")
+    assert step_ffn_reads(compiled([], list(inputs)), inputs, "exact") == (
+        ffn_reads(inputs, "dense").bytes, "100% of FFNs left dense by compile (crossover too low here)")
 
 
 def _tiny_model(tie=False):
