@@ -48,7 +48,6 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.read_bytes import ffn_inputs, ffn_reads, layer_rows, outside_ffn_bytes  # noqa: E402
 
 OP = torch.ops.bamboo.sparse_ffn.default
-LAYER_VARIANTS = ["dense", "exact", "predictor 10%", "predictor 15%", "predictor 25%", "torch reference exact"]
 
 
 def machine_facts() -> dict:

@@ -116,13 +116,3 @@ def kv_cache_bytes(config, batch: int, cache_len: int, element_size: int) -> int
     """The static KV cache, keys and values of every layer: SDPA reads all `cache_len` slots (masked) per step."""
     head_dim = config.resolved_head_dim
     return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * cache_len * head_dim * element_size
-
-
-def exact_active_fraction(model, prompt) -> float:
-    """Share of FFN neurons with a nonzero product for the prompt's last token, union over the batch rows,
-    averaged over layers."""
-    shares = []
-    for item in ffn_inputs(model, prompt).values():
-        mlp, x = item.mlp, item.x
-        shares.append(((mlp.gate_proj(x) > 0) & (mlp.up_proj(x) > 0)).any(0).float().mean().item())
-    return sum(shares) / len(shares)
