@@ -45,7 +45,7 @@ from benchmarks.common import (  # noqa: E402
     randomize,
     write_json,
 )
-from benchmarks.read_bytes import ffn_inputs, ffn_reads, layer_rows, outside_ffn_bytes  # noqa: E402
+from benchmarks.read_bytes import FFNReads, ffn_inputs, ffn_reads, layer_rows, outside_ffn_bytes  # noqa: E402
 
 OP = torch.ops.bamboo.sparse_ffn.default
 
@@ -80,26 +80,26 @@ def ffn_layer_rows(hidden, intermediate, rank, dtype, fractions, reps, bandwidth
         return lambda: OP(x, gw, None, uw, None, dw, None, None, p_in, p_out, None, "drelu", mode, "relu",
                           -math.inf, k)
 
-    def reads(mode, k=0):
-        """(bytes, note) of the rows the CPU kernel reads: it skips the down rows whose h is 0, as the Triton one."""
+    def reads(mode, k=0) -> FFNReads:
+        """The rows the CPU kernel reads: it skips the down rows whose h is 0, as the Triton one."""
         predictor = SimpleNamespace(w_in=p_in, w_out=p_out, bias=None, threshold=-math.inf, top_k=k)
         gate, up, down = layer_rows(x, gw, uw, mode, predictor=predictor)
         nbytes = (gate + up + down) * row + (p_in.numel() + p_out.numel()) * x.element_size() * (mode == "predictor")
-        return nbytes, f"rows read: gate {gate / intermediate:.0%}, up {up / intermediate:.0%}, down {down / intermediate:.0%}"
+        return FFNReads(nbytes, gate, up, down, intermediate)
 
     out = []
     dense_ms = median_host_ms(lambda: F.linear(F.relu(F.linear(x, gw)) * F.relu(F.linear(x, uw)), dw), reps)
     variants = [("dense", lambda: None, 3 * intermediate * row, 1.0, "F.linear x3")]
-    exact_bytes, exact_note = reads("exact")
-    product_share = ((F.linear(x, gw) > 0) & (F.linear(x, uw) > 0)).float().mean().item()
-    variants.append(("exact", op("exact"), exact_bytes, product_share, exact_note))
+    exact = reads("exact")
+    product_share = exact.down_rows / intermediate  # one row: the neurons whose product h is nonzero
+    variants.append(("exact", op("exact"), exact.bytes, product_share, exact.describe()))
     for f in fractions:
         k = round(f * intermediate)
-        nbytes, note = reads("predictor", k)
-        variants.append((f"predictor {f:.0%}", op("predictor", k), nbytes, f, f"forced k = {k}, rank-{rank} predictor; "
-                         + note))
+        predicted = reads("predictor", k)
+        variants.append((f"predictor {f:.0%}", op("predictor", k), predicted.bytes, f,
+                         f"forced k = {k}, rank-{rank} predictor; {predicted.describe()}"))
     variants.append(("torch reference exact", lambda: reference_sparse_ffn(x, gw, None, uw, None, dw, None, None),
-                     exact_bytes, product_share, "index_select copies, then matmul (the CPU path before this kernel)"))
+                     exact.bytes, product_share, "index_select copies, then matmul (the CPU path before this kernel)"))
     for name, fn, nbytes, share, note in variants:
         ms = dense_ms if name == "dense" else median_host_ms(fn, max(3, reps // 3) if "reference" in name else reps)
         floor = nbytes / bandwidth * 1e3
